@@ -1,0 +1,1 @@
+"""Measuring memorization: noise magnitude, trigger tokens, memorization neurons, copy similarity."""

@@ -1,0 +1,61 @@
+"""Command-line plumbing every chexmem command shares: YAML defaults and readable errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hf_datasets.errors import ChexmemError
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file holding one mapping."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ChexmemError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ChexmemError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ChexmemError(f"config file {path} must hold a mapping of option: value")
+    return data
+
+
+def apply_config_file(
+    top: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """Re-parse with the YAML given by `--config` as defaults, so explicit flags still win.
+
+    The subcommand's own parser must be stored in the namespace as `_parser`.
+    """
+    if not getattr(args, "config", None):
+        return args
+    parser: argparse.ArgumentParser = args._parser
+    values = read_yaml(args.config)
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ChexmemError(f"{args.config}: unknown option(s) {', '.join(unknown)}")
+    parser.set_defaults(**values)
+    return top.parse_args(argv)
+
+
+def add_config_flag(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE`: a YAML mapping of flag names (without dashes) to values."""
+    parser.add_argument(
+        "--config", help="YAML file of flag_name: value defaults (explicit flags win)"
+    )
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log lines as 'chexmem: message' on stderr."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname).1s %(name)s: %(message)s",
+    )

@@ -1,0 +1,1 @@
+"""Reducing memorization: embedding adjustment, neuron deactivation, training-time filtering."""

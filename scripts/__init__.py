@@ -1,0 +1,1 @@
+"""The `chexmem` command line, the study runner, reports and benchmarks."""

@@ -1,0 +1,47 @@
+"""The `chexmem` command: `chexmem demo`, `chexmem data ...` (more with every stage)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from hf_datasets.cli import add_data_commands
+from hf_datasets.cliutils import apply_config_file, setup_logging
+from hf_datasets.errors import ChexmemError
+from scripts.demo import add_demo_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="chexmem",
+        description="Fine-tune Stable Diffusion on chest X-rays; measure, explain and reduce "
+        "memorization.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{demo,data}")
+    add_demo_command(subparsers)
+    add_data_commands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; user errors end in one line and exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        args = apply_config_file(parser, args, argv)
+        args.func(args)
+    except ChexmemError as error:
+        print(f"chexmem: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("chexmem: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Shared test set-up: offline, one thread, isolated caches, and the shared real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CHEXPERT_CSV = SHARED_DATA / "chexpert_train.csv.gz"
+OPEN_CXR = SHARED_DATA / "open-cxr"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_hf_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the datasets cache of a test run out of the user's home."""
+    cache = tmp_path_factory.mktemp("hf_cache")
+    os.environ["HF_DATASETS_CACHE"] = str(cache / "datasets")
+    os.environ["HF_HOME"] = str(cache / "home")
+    import datasets.config
+
+    datasets.config.HF_DATASETS_CACHE = Path(os.environ["HF_DATASETS_CACHE"])
+
+
+def needs(path: Path) -> pytest.MarkDecorator:
+    """Skip a test cleanly when shared data is absent."""
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} is not present")

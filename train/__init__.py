@@ -1,0 +1,1 @@
+"""Fine-tuning Stable Diffusion on chest X-rays with accelerate; model loading; Hub."""
