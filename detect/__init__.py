@@ -1,1 +1,1 @@
-"""Measuring memorization: noise magnitude, trigger tokens, memorization neurons, copy similarity."""
+"""Measuring memorization: noise magnitude, trigger tokens, neurons, copy similarity."""

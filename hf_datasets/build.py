@@ -185,6 +185,9 @@ def assemble(
         strict=options.strict,
         num_workers=options.num_workers,
     )
+    if not rows:
+        examples = "; ".join(f"{k}: {v[0]}" for k, v in exclusions.examples.items() if v)
+        raise ChexmemError(f"no usable rows left ({exclusions.describe()}); e.g. {examples}")
     if splitter is None:
         rows_by_split = split_by_patient(rows, fractions, options.seed)
     else:

@@ -1,6 +1,7 @@
 """Any chest X-ray collection laid out as an image folder plus `metadata.csv`.
 
-`metadata.csv` needs a `file_name` column (paths relative to the folder). Optional columns:
+`metadata.csv` needs a `file_name` column (paths relative to the folder, or
+to `image_dir` inside it; an `images/` subfolder is found by itself). Optional columns:
 CheXpert observation names (any case, spaces or underscores) with 1 / 0 / -1 / blank values,
 `prompt` or `text` (used verbatim), `report` (used verbatim unless `prompt_column` says
 otherwise), `findings` (free text appended to a label-built prompt; parenthesised notes are
@@ -36,6 +37,7 @@ class FolderConfig(SourceOptions):
 
     root: str
     metadata: str = "metadata.csv"
+    image_dir: str | None = None
     prompt_column: str | None = None
     findings_column: str | None = "findings"
     patient_column: str | None = None
@@ -75,6 +77,17 @@ def _clean_findings(text: str) -> str:
     return f"{text}." if text else ""
 
 
+def _image_root(root: Path, image_dir: str | None, file_names: pd.Series) -> Path:
+    """Where file names are relative to: `image_dir`, else root, else root/images."""
+    if image_dir is not None:
+        return root / image_dir
+    first = next((f for f in file_names if f), "")
+    if first and not (root / first).exists() and (root / "images" / first).exists():
+        logger.info("reading images from %s", root / "images")
+        return root / "images"
+    return root
+
+
 def load_image_folder(config: FolderConfig) -> DatasetDict:
     """An image folder with `metadata.csv` as train / validation / test splits, by patient."""
     root = Path(config.root).expanduser()
@@ -104,6 +117,7 @@ def load_image_folder(config: FolderConfig) -> DatasetDict:
             ", ".join(PATIENT_COLUMNS),
         )
 
+    image_root = _image_root(root, config.image_dir, frame["file_name"])
     rows = []
     for line, record in enumerate(frame.to_dict("records"), start=2):
         labels = {
@@ -124,7 +138,7 @@ def load_image_folder(config: FolderConfig) -> DatasetDict:
         patient = record[patient_column].strip() if patient_column else ""
         rows.append(
             make_row(
-                str(root / file_name),
+                str(image_root / file_name),
                 labels,
                 prompt=prompt,
                 patient_id=patient or Path(file_name).stem,

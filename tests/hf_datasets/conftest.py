@@ -65,3 +65,38 @@ def chexpert_root(tmp_path: Path, real_rows: pd.DataFrame) -> Path:
     valid.to_csv(root / "valid.csv", index=False)
     write_images(root, list(real_rows["Path"]) + list(valid["Path"]))
     return root
+
+
+def write_folder(root: Path, n: int = 24, patients: int = 8, extra: dict | None = None) -> Path:
+    """An image folder with metadata.csv: snake_case label columns, sex, age, patient ids."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    records = []
+    for i in range(n):
+        name = f"img/{i:03d}.png"
+        (root / "img").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (48, 40), dtype=np.uint8)).save(root / name)
+        records.append(
+            {
+                "file_name": name,
+                "patient_id": f"pt{i % patients}",
+                "sex": "F" if i % 2 else "M",
+                "age": str(30 + i),
+                "view": "PA",
+                "cardiomegaly": "1" if i % 3 == 0 else "",
+                "pleural_effusion": "-1" if i % 4 == 0 else "0",
+                **(extra or {}),
+            }
+        )
+    pd.DataFrame(records).to_csv(root / "metadata.csv", index=False)
+    return root
+
+
+@pytest.fixture()
+def small_dataset(tmp_path: Path):
+    """A DatasetDict from a small synthetic image folder (24 rows, 8 patients)."""
+    from hf_datasets.folder import FolderConfig, load_image_folder
+
+    return load_image_folder(
+        FolderConfig(root=str(write_folder(tmp_path / "folder")), split_fractions=(0.5, 0.25, 0.25))
+    )

@@ -1,0 +1,61 @@
+"""Duplicate injection into the training split only."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from hf_datasets.duplicates import inject_duplicates
+from hf_datasets.errors import ChexmemError
+
+
+def test_k_rows_times_c_copies(small_dataset) -> None:
+    before = small_dataset
+    after = inject_duplicates(before, num_rows=3, copies=5, seed=0)
+    train = after["train"]
+    assert len(train) == len(before["train"]) + 3 * 4
+    appearances = Counter(train["source_path"])
+    repeated = {p for p, n in appearances.items() if n > 1}
+    assert len(repeated) == 3 and all(appearances[p] == 5 for p in repeated)
+    for path, copies in zip(train["source_path"], train["copies"], strict=True):
+        assert copies == appearances[path]
+    for split in ("validation", "test"):
+        assert after[split]["source_path"] == before[split]["source_path"]
+        assert set(after[split]["copies"]) == {1}
+    assert (
+        "Duplicates injected into train: 3 row(s), 12 extra copies (seed 0)"
+        in train.info.description
+    )
+    copy = train[len(train) - 1]
+    original = train[train["source_path"].index(copy["source_path"])]
+    assert copy["prompt"] == original["prompt"]
+    assert copy["image"].tobytes() == original["image"].tobytes()
+
+
+def test_deterministic_by_seed(small_dataset) -> None:
+    first = inject_duplicates(small_dataset, num_rows=4, copies=2, seed=7)["train"]["source_path"]
+    again = inject_duplicates(small_dataset, num_rows=4, copies=2, seed=7)["train"]["source_path"]
+    other = inject_duplicates(small_dataset, num_rows=4, copies=2, seed=8)["train"]["source_path"]
+    assert first == again and first != other
+
+
+def test_per_row_counts(small_dataset) -> None:
+    train = inject_duplicates(small_dataset, counts={0: 3, 2: 2})["train"]
+    original = small_dataset["train"]["source_path"]
+    appearances = Counter(train["source_path"])
+    assert (
+        appearances[original[0]] == 3
+        and appearances[original[2]] == 2
+        and appearances[original[1]] == 1
+    )
+
+
+def test_bad_requests(small_dataset) -> None:
+    with pytest.raises(ChexmemError, match="cannot duplicate 999 rows"):
+        inject_duplicates(small_dataset, num_rows=999, copies=2)
+    with pytest.raises(ChexmemError, match="valid row indices"):
+        inject_duplicates(small_dataset, counts={10_000: 2})
+    twice = inject_duplicates(small_dataset, num_rows=2, copies=2)
+    with pytest.raises(ChexmemError, match="already holds injected duplicates"):
+        inject_duplicates(twice, num_rows=2, copies=2)
