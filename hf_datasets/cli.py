@@ -217,9 +217,9 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     _source_flags(p)
     p.add_argument(
         "--metadata", default="metadata.csv", help="CSV with file_name (relative to --root)"
+    )
     p.add_argument(
         "--image_dir", help="folder the file names are relative to (default: --root or its images/)"
-    )
     )
     p.add_argument("--prompt_column", help="use this column verbatim as the prompt")
     p.add_argument(
