@@ -11,6 +11,7 @@ from hf_datasets.errors import ChexmemError
 from hf_datasets.features import FEATURES
 from hf_datasets.folder import FolderConfig, load_image_folder
 from hf_datasets.labels import OBSERVATIONS, UncertaintyPolicy
+from hf_datasets.phantom import PhantomConfig, generate_phantom
 from hf_datasets.prompts import PromptConfig, build_prompt
 from hf_datasets.storage import export_parquet, load_dataset_dir, save_dataset
 
@@ -20,10 +21,12 @@ __all__ = [
     "CheXpertConfig",
     "ChexmemError",
     "FolderConfig",
+    "PhantomConfig",
     "PromptConfig",
     "UncertaintyPolicy",
     "build_prompt",
     "export_parquet",
+    "generate_phantom",
     "inject_duplicates",
     "load_chexpert",
     "load_dataset_dir",

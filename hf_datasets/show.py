@@ -38,8 +38,10 @@ def contact_sheet(
     draw = ImageDraw.Draw(sheet)
     for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
         x, y = (i % columns) * (tile + 4) + 2, (i // columns) * cell_h + 2
-        thumb = to_grayscale(image).copy()
-        thumb.thumbnail((tile, tile), Image.Resampling.LANCZOS)
+        image = to_grayscale(image)
+        scale = tile / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        thumb = image.resize(size, Image.Resampling.LANCZOS)
         sheet.paste(thumb, (x + (tile - thumb.width) // 2, y + (tile - thumb.height) // 2))
         lines = textwrap.wrap(caption, chars)
         if len(lines) > caption_lines:

@@ -1,0 +1,136 @@
+"""The `chexmem` command as a user runs it: data commands, config files, errors, the demo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_datasets.storage import load_dataset_dir
+from scripts.cli import main
+from tests.conftest import OPEN_CXR, needs
+
+
+def test_phantom_duplicate_show_pipeline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, dup = tmp_path / "phantom", tmp_path / "dup"
+    assert (
+        main(["data", "phantom", "--out", str(data), "--num_patients", "12", "--resolution", "64"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "train:" in out and f"saved to {data}" in out
+    assert (
+        main(
+            [
+                "data",
+                "duplicate",
+                "--dataset",
+                str(data),
+                "--out",
+                str(dup),
+                "--num_rows",
+                "2",
+                "--copies",
+                "3",
+            ]
+        )
+        == 0
+    )
+    train = load_dataset_dir(dup)["train"]
+    assert sorted(c for c in train["copies"] if c > 1) == [3] * 6
+    grid = tmp_path / "grid.png"
+    assert (
+        main(["data", "show", "--dataset", str(dup), "--duplicated_only", "--out", str(grid)]) == 0
+    )
+    assert "wrote" in capsys.readouterr().out
+    from PIL import Image
+
+    with Image.open(grid) as image:
+        assert image.width == 4 * (192 + 4) and image.height > 192
+
+
+def test_config_file_supplies_defaults_and_flags_win(tmp_path: Path) -> None:
+    config = tmp_path / "phantom.yaml"
+    config.write_text("num_patients: 5\nresolution: 48\nseed: 2\n")
+    out = tmp_path / "p"
+    assert main(["data", "phantom", "--config", str(config), "--out", str(out), "--seed", "3"]) == 0
+    dataset = load_dataset_dir(out)
+    assert sum(len(set(p["patient_id"])) for p in dataset.values()) == 5
+    assert dataset["train"][0]["image"].size == (48, 48)
+    assert "seed 3" in dataset["train"].info.description
+    config.write_text("num_patiens: 5\n")
+    assert main(["data", "phantom", "--config", str(config), "--out", str(tmp_path / "q")]) == 2
+
+
+def test_user_errors_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(["data", "chexpert", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("chexmem: error: CheXpert root") and "\n" not in err
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    assert (
+        main(
+            ["data", "phantom", "--num_patients", "3", "--resolution", "32", "--out", str(existing)]
+        )
+        == 2
+    )
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(["data", "show", "--dataset", str(tmp_path / "nope")]) == 2
+
+
+@needs(OPEN_CXR)
+def test_folder_command_with_parquet(tmp_path: Path) -> None:
+    args = [
+        "data",
+        "folder",
+        "--root",
+        str(OPEN_CXR),
+        "--out",
+        str(tmp_path / "o"),
+        "--resolution",
+        "32",
+    ]
+    assert main([*args, "--max_rows", "20", "--parquet", str(tmp_path / "pq")]) == 0
+    assert sorted(p.name for p in (tmp_path / "pq").iterdir()) == [
+        "test.parquet",
+        "train.parquet",
+        "validation.parquet",
+    ]
+
+
+def test_console_script_runs_the_demo(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "scripts.cli",
+        "demo",
+        "--output_dir",
+        str(tmp_path / "demo"),
+        "--num_patients",
+        "20",
+        "--duplicated_rows",
+        "3",
+        "--copies",
+        "4",
+        "--resolution",
+        "64",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "demo finished" in result.stdout
+    assert (tmp_path / "demo" / "duplicated_rows.png").is_file()
+    train = load_dataset_dir(tmp_path / "demo" / "data")["train"]
+    assert sum(1 for c in train["copies"] if c > 1) == 12
