@@ -54,8 +54,7 @@ def add_config_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Log lines as 'chexmem: message' on stderr."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname).1s %(name)s: %(message)s",
-    )
+    """Our packages log at INFO (DEBUG if verbose), libraries at WARNING, on stderr."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(name)s: %(message)s")
+    for package in ("hf_datasets", "detect", "mitigate", "train", "scripts"):
+        logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)

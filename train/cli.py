@@ -1,0 +1,60 @@
+"""`chexmem train` (same flags as `accelerate launch -m train`) and `chexmem model tiny`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from hf_datasets.cliutils import add_config_flag, apply_config_file, setup_logging
+from hf_datasets.errors import ChexmemError
+from train.config import add_train_flags, config_from_args
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Run one fine-tune and say where it went."""
+    from train.hub import push_output
+    from train.model_card import write_model_card
+    from train.trainer import train
+
+    config = config_from_args(args)
+    result = train(config)
+    if result.files:
+        card = write_model_card(result.output_dir)
+        print(
+            f"trained {result.global_step} steps in {result.seconds:.0f} s; final loss {result.final_loss:.4f}"
+        )
+        print(f"saved to {result.output_dir}: {', '.join(result.files)}, {card.name}")
+        if config.push_to_hub:
+            print(
+                f"pushed to {push_output(result.output_dir, config.hub_model_id, private=config.hub_private)}"
+            )
+
+
+def add_train_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register `chexmem train`."""
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune Stable Diffusion (full, LoRA or a parameter subset)",
+        description="Fine-tune Stable Diffusion on chest X-rays. Multi-GPU: `accelerate launch -m train` with the same flags.",
+    )
+    add_train_flags(p)
+    add_config_flag(p)
+    p.set_defaults(func=cmd_train, _parser=p)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m train` / `accelerate launch -m train`: the train command alone."""
+    parser = argparse.ArgumentParser(prog="accelerate launch -m train", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command")
+    add_train_command(subparsers)
+    argv = ["train", *(sys.argv[1:] if argv is None else argv)]
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        args = apply_config_file(parser, args, argv)
+        args.func(args)
+    except ChexmemError as error:
+        print(f"chexmem: error: {error}", file=sys.stderr)
+        return 2
+    return 0

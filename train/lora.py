@@ -1,0 +1,63 @@
+"""LoRA on the UNet (and optionally the text encoder) through peft, saved in diffusers format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from transformers import CLIPTextModel
+
+from hf_datasets.errors import ChexmemError
+from train.config import TrainConfig
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(unet: torch.nn.Module, text_encoder: CLIPTextModel, config: TrainConfig) -> None:
+    """Freeze everything and attach trainable LoRA adapters (named 'default')."""
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    alpha = config.lora_alpha or config.rank
+    try:
+        unet.add_adapter(
+            LoraConfig(
+                r=config.rank,
+                lora_alpha=alpha,
+                lora_dropout=config.lora_dropout,
+                init_lora_weights="gaussian",
+                target_modules=config.lora_target_modules,
+            )
+        )
+        if config.train_text_encoder:
+            text_encoder.add_adapter(
+                LoraConfig(
+                    r=config.rank,
+                    lora_alpha=alpha,
+                    lora_dropout=config.lora_dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=config.text_encoder_lora_target_modules,
+                )
+            )
+    except ValueError as error:
+        raise ChexmemError(
+            f"LoRA target modules do not match the model: {error}".splitlines()[0]
+        ) from None
+
+
+def save_lora(unet: torch.nn.Module, text_encoder: CLIPTextModel | None, out: Path) -> Path:
+    """Write `pytorch_lora_weights.safetensors` (diffusers format, loadable with load_lora_weights)."""
+    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    text_layers = None
+    if text_encoder is not None:
+        text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+    StableDiffusionPipeline.save_lora_weights(
+        out,
+        unet_lora_layers=unet_layers,
+        text_encoder_lora_layers=text_layers,
+        safe_serialization=True,
+    )
+    return out / LORA_WEIGHTS

@@ -1,0 +1,101 @@
+"""The model card (README.md) of a fine-tuned model: data, mode, trainable share, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from train.trainer import RUN_FILE
+
+TEMPLATE = """---
+{card_data}
+---
+
+# {title}
+
+Stable Diffusion fine-tuned on chest radiographs with [chexmem](https://github.com/) ({mode}).
+
+| | |
+|---|---|
+| base model | `{base}` |
+| training data | `{data}` |
+| what was trained | {mode_detail} |
+| trainable parameters | {trainable:,} of {total:,} ({share:.3%}) |
+| classifier-free guidance | conditioning dropout {dropout} ({cfg}) |
+| steps / batch / learning rate | {steps} / {batch} x {accum} x {procs} processes / {lr} |
+| resolution / mixed precision | {resolution} px / {precision} |
+| final training loss | {loss:.4f} |
+| wall time | {seconds:.0f} s |
+
+## Memorization
+
+Models trained on patient images can reproduce them. Before sharing generations or this
+model, run chexmem's detection (`chexmem detect`) and copy checks against the training set,
+and keep the training data's licence and consent terms in mind.
+
+## Use
+
+{usage}
+"""
+
+
+def _usage(mode: str, base: str) -> str:
+    """How to load the result."""
+    if mode == "lora":
+        return f'```python\nfrom diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained({base!r})\npipe.load_lora_weights("<this folder or repo>")\n```'
+    if mode == "subset":
+        return f'```python\nfrom diffusers import StableDiffusionPipeline\nfrom train.subset import load_subset\npipe = StableDiffusionPipeline.from_pretrained({base!r})\nload_subset(pipe.unet, "<this folder>")\n```'
+    return '```python\nfrom diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained("<this folder or repo>")\n```'
+
+
+def write_model_card(output_dir: str | Path) -> Path:
+    """Write README.md with a model-index entry for the final loss; returns its path."""
+    output_dir = Path(output_dir)
+    run = json.loads((output_dir / RUN_FILE).read_text())
+    config = run["config"]
+    mode = config["mode"]
+    base = config["pretrained_model_name_or_path"]
+    data = config["train_data_dir"] or config["dataset_name"]
+    detail = {
+        "full": "the whole UNet"
+        + (" and the text encoder" if config["train_text_encoder"] else ""),
+        "lora": f"LoRA rank {config['rank']} on {', '.join(config['lora_target_modules'])}"
+        + (" (+ text encoder)" if config["train_text_encoder"] else ""),
+        "subset": f"UNet parameters matching {config['trainable_params'] or ''} {config['trainable_mask'] or ''}".strip(),
+    }[mode]
+    card_data = ModelCardData(
+        library_name="diffusers",
+        base_model=base if base and not Path(base).exists() else None,
+        pipeline_tag="text-to-image",
+        tags=["stable-diffusion", "chest-x-ray", "medical-imaging", "chexmem", mode],
+        datasets=[data] if config["dataset_name"] else None,
+    )
+    dropout = config["conditioning_dropout_prob"]
+    text = TEMPLATE.format(
+        card_data=card_data.to_yaml(),
+        title=f"chexmem {mode} fine-tune of {Path(base).name if base else 'Stable Diffusion'}",
+        mode=mode,
+        base=base,
+        data=data,
+        mode_detail=detail,
+        trainable=run["trainable_params"],
+        total=run["total_params"],
+        share=run["trainable_params"] / max(1, run["total_params"]),
+        dropout=dropout,
+        cfg="with CFG" if dropout > 0 else "without CFG: sample with guidance_scale=1",
+        steps=run["global_step"],
+        batch=config["train_batch_size"],
+        accum=config["gradient_accumulation_steps"],
+        procs=run["num_processes"],
+        lr=config["learning_rate"],
+        resolution=run["resolution"],
+        precision=run["mixed_precision"],
+        loss=run["final_loss"],
+        seconds=run["seconds"],
+        usage=_usage(mode, base),
+    )
+    path = output_dir / "README.md"
+    ModelCard(text).save(path)
+    return path

@@ -1,0 +1,190 @@
+"""Training a chosen subset of UNet parameters (MemControl-style capacity control).
+
+A subset is given by name patterns (regular expressions matched against parameter names),
+or by a mask file:
+
+- `*.json`: a block mask, ``{"family": "attention", "block_mask": [1, 0, ...]}`` with one
+  entry per transformer block of the UNet (`transformer_blocks` lists them in order), and a
+  family naming which parameters inside a chosen block are trained;
+- `*.safetensors`: element masks, ``{parameter name: 0/1 tensor of its shape}``; only the
+  elements set to 1 change (their gradient is masked, and they get no weight decay).
+
+Saved output: `subset_delta.safetensors` (only the trained tensors, with the base model and
+the mask in its metadata) and, for element masks, `subset_mask.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_datasets.errors import ChexmemError
+
+DELTA_FILE = "subset_delta.safetensors"
+MASK_FILE = "subset_mask.safetensors"
+FAMILIES: dict[str, str] = {
+    "all": r".*",
+    "attention": r"\.attn[12]\.",
+    "cross_attention": r"\.attn2\.",
+    "attention_kv": r"\.attn2\.to_[kv]\.",
+    "bias_norm": r"(\.bias$|norm)",
+}
+
+
+@dataclass
+class Subset:
+    """Which UNet parameters train, and element masks for those only partly trained."""
+
+    names: list[str]
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    description: str = ""
+
+
+def transformer_blocks(unet: torch.nn.Module) -> list[str]:
+    """Names of the UNet's attention (transformer) blocks in down, mid, up order."""
+    names = [n for n, m in unet.named_modules() if type(m).__name__ == "Transformer2DModel"]
+
+    def order(name: str) -> tuple[int, int, int]:
+        part = name.split(".")
+        rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[part[0]]
+        numbers = [int(p) for p in part if p.isdigit()]
+        return (rank, *[*numbers, 0, 0][:2])
+
+    return sorted(names, key=order)
+
+
+def from_patterns(unet: torch.nn.Module, patterns: Sequence[str]) -> Subset:
+    """Parameters whose names match any pattern (re.search)."""
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as error:
+        raise ChexmemError(f"bad --trainable_params pattern: {error}") from None
+    names = [n for n, _ in unet.named_parameters() if any(c.search(n) for c in compiled)]
+    return Subset(names, description=f"patterns {list(patterns)}")
+
+
+def from_block_mask(unet: torch.nn.Module, spec: dict) -> Subset:
+    """Parameters of the family inside the transformer blocks the mask selects."""
+    blocks = transformer_blocks(unet)
+    mask = spec.get("block_mask")
+    family = spec.get("family", "attention")
+    if family not in FAMILIES:
+        raise ChexmemError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    if not isinstance(mask, list) or len(mask) != len(blocks):
+        raise ChexmemError(
+            f"block_mask must list {len(blocks)} entries (one per transformer block), got {mask!r}"
+        )
+    chosen = [b for b, keep in zip(blocks, mask, strict=True) if keep]
+    pattern = re.compile(FAMILIES[family])
+    names = [
+        n
+        for n, _ in unet.named_parameters()
+        if any(n.startswith(b + ".") for b in chosen) and pattern.search(n)
+    ]
+    return Subset(names, description=f"block mask {mask} family {family}")
+
+
+def from_element_masks(unet: torch.nn.Module, path: Path) -> Subset:
+    """Parameters with element masks read from a safetensors file."""
+    masks = {k: v.bool() for k, v in load_file(str(path)).items()}
+    params = dict(unet.named_parameters())
+    unknown = sorted(set(masks) - set(params))
+    if unknown:
+        raise ChexmemError(f"{path} masks unknown parameter(s): {', '.join(unknown[:5])}")
+    for name, mask in masks.items():
+        if mask.shape != params[name].shape:
+            raise ChexmemError(
+                f"{path}: mask of {name} has shape {tuple(mask.shape)}, parameter {tuple(params[name].shape)}"
+            )
+    partial = {k: v for k, v in masks.items() if not bool(v.all())}
+    names = [k for k, v in masks.items() if bool(v.any())]
+    return Subset(names, masks=partial, description=f"element masks from {path.name}")
+
+
+def select_subset(unet: torch.nn.Module, patterns: Sequence[str], mask_file: str | None) -> Subset:
+    """The subset named by --trainable_params and/or --trainable_mask (their union)."""
+    parts = []
+    if patterns:
+        parts.append(from_patterns(unet, patterns))
+    if mask_file:
+        path = Path(mask_file).expanduser()
+        if not path.is_file():
+            raise ChexmemError(f"--trainable_mask {path} does not exist")
+        if path.suffix == ".json":
+            parts.append(from_block_mask(unet, json.loads(path.read_text())))
+        else:
+            parts.append(from_element_masks(unet, path))
+    names = sorted({n for p in parts for n in p.names})
+    if not names:
+        raise ChexmemError(
+            "the subset selects no parameters; check --trainable_params / --trainable_mask"
+        )
+    masks = {k: v for p in parts for k, v in p.masks.items() if k in names}
+    return Subset(names, masks=masks, description="; ".join(p.description for p in parts))
+
+
+def apply_subset(unet: torch.nn.Module, subset: Subset) -> list[torch.utils.hooks.RemovableHandle]:
+    """Freeze all but the subset; mask the gradient of partly trained parameters."""
+    unet.requires_grad_(False)
+    params = dict(unet.named_parameters())
+    handles = []
+    for name in subset.names:
+        params[name].requires_grad_(True)
+        if name in subset.masks:
+            mask = subset.masks[name].to(params[name].dtype)
+            handles.append(
+                params[name].register_hook(lambda grad, m=mask: grad * m.to(grad.device))
+            )
+    return handles
+
+
+def param_groups(unet: torch.nn.Module, subset: Subset, weight_decay: float) -> list[dict]:
+    """Optimizer groups: masked parameters get no weight decay, so frozen elements never move."""
+    params = dict(unet.named_parameters())
+    full = [params[n] for n in subset.names if n not in subset.masks]
+    partial = [params[n] for n in subset.names if n in subset.masks]
+    groups = [{"params": full, "weight_decay": weight_decay}]
+    if partial:
+        groups.append({"params": partial, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def save_subset(unet: torch.nn.Module, subset: Subset, out: Path, base_model: str) -> Path:
+    """Write the trained tensors (and element masks) with the base model in the metadata."""
+    params = dict(unet.named_parameters())
+    tensors = {n: params[n].detach().float().contiguous().cpu() for n in subset.names}
+    metadata = {
+        "base_model": base_model,
+        "subset": subset.description,
+        "format": "chexmem-subset-v1",
+    }
+    save_file(tensors, str(out / DELTA_FILE), metadata=metadata)
+    if subset.masks:
+        save_file(
+            {k: v.to(torch.uint8).contiguous() for k, v in subset.masks.items()},
+            str(out / MASK_FILE),
+        )
+    return out / DELTA_FILE
+
+
+def load_subset(unet: torch.nn.Module, folder: str | Path) -> dict[str, str]:
+    """Load a saved subset into a UNet of the same architecture; returns the file's metadata."""
+    from safetensors import safe_open
+
+    path = Path(folder) / DELTA_FILE
+    if not path.is_file():
+        raise ChexmemError(f"no {DELTA_FILE} in {folder}")
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+    result = unet.load_state_dict(load_file(str(path)), strict=False)
+    if result.unexpected_keys:
+        raise ChexmemError(
+            f"{path} does not fit this UNet: unexpected {result.unexpected_keys[:3]}"
+        )
+    return metadata

@@ -1,0 +1,656 @@
+"""The fine-tuning loop: plain PyTorch under one `Accelerator`, readable top to bottom.
+
+`train(config)` runs: accelerator -> model parts -> what is trained -> data -> optimizer and
+schedule -> (resume) -> loop (loss, backward, clip, step; log, checkpoint, validate) -> save.
+A `sample_weighter` can weight or drop samples per step (training-time mitigation plugs in
+here) without touching the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from hf_datasets.errors import ChexmemError
+from hf_datasets.show import contact_sheet
+from train.checkpoint import list_checkpoints, read_state, resolve_resume, save_checkpoint
+from train.config import TrainConfig
+from train.data import TrainTransform, check_resolution, collate, load_train_dataset, tokenize
+from train.lora import add_lora, save_lora
+from train.models import Components, load_components
+from train.subset import Subset, apply_subset, param_groups, save_subset, select_subset
+from train.tracking import trackers
+
+logger = logging.getLogger(__name__)
+TRAINABLE_FILE = "trainable.safetensors"
+EMA_FILE = "ema.safetensors"
+RUN_FILE = "chexmem_train.json"
+
+
+@dataclass
+class StepInputs:
+    """What a sample weighter sees at one training step (tensors are per sample, batch first)."""
+
+    unet: torch.nn.Module
+    noisy_latents: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    empty_hidden_states: torch.Tensor
+    model_pred: torch.Tensor
+    target: torch.Tensor
+    per_sample_loss: torch.Tensor
+    batch: dict[str, Any]
+    global_step: int
+
+
+SampleWeighter = Callable[[StepInputs], torch.Tensor]
+
+
+@dataclass
+class Trainable:
+    """The modules being trained, their parameter groups, and what the subset mode chose."""
+
+    modules: list[torch.nn.Module]
+    groups: list[dict[str, Any]]
+    subset: Subset | None = None
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        """Every trained parameter (a list, so it can be iterated twice)."""
+        return [p for g in self.groups for p in g["params"]]
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    global_step: int
+    final_loss: float
+    trainable_params: int
+    total_params: int
+    seconds: float
+    files: list[str] = field(default_factory=list)
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """The one Accelerator; mixed precision comes from here and nowhere else."""
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+    )
+    accelerator.log_with = trackers(config.report_to, output_dir / "logs")
+    return accelerator
+
+
+def prepare_output_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
+    """Refuse to silently mix runs: an existing result needs --overwrite_output_dir or a resume."""
+    out = Path(config.output_dir)
+    finished = (out / RUN_FILE).exists()
+    checkpoints = list_checkpoints(out)
+    if (
+        not config.resume_from_checkpoint
+        and (finished or checkpoints)
+        and not config.overwrite_output_dir
+    ):
+        raise ChexmemError(
+            f"{out} already holds a training run; pass --resume_from_checkpoint latest to continue "
+            "it or --overwrite_output_dir to start again"
+        )
+    if accelerator.is_main_process:
+        if config.overwrite_output_dir and not config.resume_from_checkpoint and out.exists():
+            for old in [*checkpoints, out / "logs", out / "validation"]:
+                shutil.rmtree(old, ignore_errors=True)
+            (out / RUN_FILE).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def setup_trainable(parts: Components, config: TrainConfig) -> Trainable:
+    """Freeze what is not trained; attach LoRA or choose the subset; build optimizer groups."""
+    parts.vae.requires_grad_(False)
+    decay = config.adam_weight_decay
+    if config.mode == "lora":
+        add_lora(parts.unet, parts.text_encoder, config)
+        modules = [parts.unet] + ([parts.text_encoder] if config.train_text_encoder else [])
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        return Trainable(modules, [{"params": params, "weight_decay": decay}])
+    if config.mode == "subset":
+        parts.text_encoder.requires_grad_(False)
+        subset = select_subset(parts.unet, config.trainable_params, config.trainable_mask)
+        apply_subset(parts.unet, subset)
+        return Trainable([parts.unet], param_groups(parts.unet, subset, decay), subset)
+    parts.unet.requires_grad_(True)
+    parts.text_encoder.requires_grad_(config.train_text_encoder)
+    modules = [parts.unet] + ([parts.text_encoder] if config.train_text_encoder else [])
+    params = [p for m in modules for p in m.parameters()]
+    return Trainable(modules, [{"params": params, "weight_decay": decay}])
+
+
+def make_optimizer(
+    groups: list[dict[str, Any]], config: TrainConfig, lr: float
+) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW with --use_8bit_adam."""
+    kwargs = {"lr": lr, "betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_epsilon}
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ChexmemError(
+                "--use_8bit_adam needs bitsandbytes: pip install 'chexmem[gpu]'"
+            ) from None
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
+    """The dtype frozen weights are kept in under the accelerator's mixed precision."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters of a module that require grad, by name (what checkpoints store)."""
+    return {n: p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def register_checkpoint_hooks(
+    accelerator: Accelerator, modules: list[torch.nn.Module], ema: EMAModel | None
+) -> None:
+    """Checkpoints hold only trained parameters (+EMA), as safetensors, instead of whole models."""
+
+    def save_hook(models: list[torch.nn.Module], weights: list[Any], output_dir: str) -> None:
+        if accelerator.is_main_process:
+            for index, model in enumerate(models):
+                save_file(
+                    trainable_state(accelerator.unwrap_model(model)),
+                    f"{output_dir}/{index}_{TRAINABLE_FILE}",
+                )
+            if ema is not None:
+                save_file(
+                    {str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)},
+                    f"{output_dir}/{EMA_FILE}",
+                )
+                (Path(output_dir) / "ema.json").write_text(
+                    json.dumps({"optimization_step": ema.optimization_step})
+                )
+        while weights:
+            weights.pop()
+
+    def load_hook(models: list[torch.nn.Module], input_dir: str) -> None:
+        for index in range(len(models)):
+            model = accelerator.unwrap_model(models.pop(0))
+            state = load_file(f"{input_dir}/{index}_{TRAINABLE_FILE}")
+            missing = set(trainable_state(model)) - set(state)
+            if missing:
+                raise ChexmemError(
+                    f"{input_dir} does not match this run (missing {sorted(missing)[:3]})"
+                )
+            model.load_state_dict(state, strict=False)
+        if ema is not None:
+            shadow = load_file(f"{input_dir}/{EMA_FILE}")
+            for i, p in enumerate(ema.shadow_params):
+                p.copy_(shadow[str(i)])
+            ema.optimization_step = json.loads((Path(input_dir) / "ema.json").read_text())[
+                "optimization_step"
+            ]
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    del modules
+
+
+def training_step(
+    parts: Components,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    batch: dict[str, Any],
+    empty_ids: torch.Tensor,
+    config: TrainConfig,
+    weight_dtype: torch.dtype,
+    sample_weighter: SampleWeighter | None,
+    global_step: int,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The diffusion loss of one micro-batch (and what to log about it)."""
+    pixels = batch["pixel_values"].to(dtype=weight_dtype)
+    with torch.no_grad():
+        latents = parts.vae.encode(pixels).latent_dist.sample() * parts.vae.config.scaling_factor
+    noise = torch.randn_like(latents)
+    if config.noise_offset:
+        noise += config.noise_offset * torch.randn(
+            latents.shape[0], latents.shape[1], 1, 1, device=latents.device
+        )
+    bsz = latents.shape[0]
+    scheduler = parts.noise_scheduler
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (bsz,), device=latents.device
+    ).long()
+    applied = (
+        noise + config.input_perturbation * torch.randn_like(noise)
+        if config.input_perturbation
+        else noise
+    )
+    noisy_latents = scheduler.add_noise(latents, applied, timesteps)
+
+    input_ids = batch["input_ids"]
+    if config.conditioning_dropout_prob > 0:
+        drop = torch.rand(bsz, device=input_ids.device) < config.conditioning_dropout_prob
+        input_ids = torch.where(drop[:, None], empty_ids.to(input_ids.device), input_ids)
+    with torch.set_grad_enabled(config.train_text_encoder):
+        encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ChexmemError(f"unsupported prediction type {scheduler.config.prediction_type}")
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(
+        dim=(1, 2, 3)
+    )
+    if config.snr_gamma is not None:
+        snr = compute_snr(scheduler, timesteps)
+        weights = torch.clamp(snr, max=config.snr_gamma)
+        per_sample = per_sample * (
+            weights / snr if scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
+        )
+
+    logs: dict[str, float] = {}
+    if sample_weighter is None:
+        return per_sample.mean(), logs
+    with torch.no_grad():
+        empty_states = text_encoder(empty_ids.to(input_ids.device), return_dict=False)[0]
+    sample_weights = sample_weighter(
+        StepInputs(
+            unet=unet,
+            noisy_latents=noisy_latents,
+            timesteps=timesteps,
+            noise=noise,
+            encoder_hidden_states=encoder_hidden_states,
+            empty_hidden_states=empty_states,
+            model_pred=model_pred,
+            target=target,
+            per_sample_loss=per_sample.detach(),
+            batch=batch,
+            global_step=global_step,
+        )
+    ).to(per_sample)
+    logs["samples_weighted_zero"] = float((sample_weights == 0).sum())
+    return (per_sample * sample_weights).sum() / sample_weights.sum().clamp_min(1e-8), logs
+
+
+def validation_images(
+    parts: Components,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    config: TrainConfig,
+    resolution: int,
+) -> list[Any]:
+    """Images for the validation prompts (fixed seeds) from the current weights."""
+    pipeline = StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(parts.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    guidance = config.validation_guidance_scale
+    if guidance is None:
+        guidance = 7.5 if config.conditioning_dropout_prob > 0 else 1.0
+    images = []
+    for i, prompt in enumerate(config.validation_prompts):
+        generator = torch.Generator(device="cpu").manual_seed(config.seed + i)
+        images += pipeline(
+            prompt,
+            num_images_per_prompt=config.num_validation_images,
+            num_inference_steps=config.validation_inference_steps,
+            guidance_scale=guidance,
+            height=resolution,
+            width=resolution,
+            generator=generator,
+        ).images
+    return images
+
+
+def run_validation(
+    accelerator: Accelerator,
+    parts: Components,
+    trainable: Trainable,
+    ema: EMAModel | None,
+    config: TrainConfig,
+    resolution: int,
+    step: int,
+) -> None:
+    """Write validation images for this step to output_dir/validation (main process)."""
+    if not config.validation_prompts:
+        return
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(parts.unet)
+        text_encoder = accelerator.unwrap_model(parts.text_encoder)
+        if ema is not None:
+            ema.store(trainable.params)
+            ema.copy_to(trainable.params)
+        images = validation_images(parts, unet, text_encoder, config, resolution)
+        if ema is not None:
+            ema.restore(trainable.params)
+        captions = [
+            p for p in config.validation_prompts for _ in range(config.num_validation_images)
+        ]
+        folder = Path(config.output_dir) / "validation"
+        folder.mkdir(exist_ok=True)
+        sheet = contact_sheet(
+            images, captions, tile=max(128, resolution), columns=config.num_validation_images
+        )
+        sheet.save(folder / f"step-{step}.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_images(
+                    "validation",
+                    np.stack([np.asarray(i) for i in images]),
+                    step,
+                    dataformats="NHWC",
+                )
+    accelerator.wait_for_everyone()
+
+
+def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) -> TrainResult:
+    """Fine-tune a Stable Diffusion model as `config` says; returns where the result went."""
+    start = time.perf_counter()
+    accelerator = make_accelerator(config)
+    logging.getLogger("chexmem").info(accelerator.state)
+    set_seed(config.seed, device_specific=True)
+    output_dir = prepare_output_dir(config, accelerator)
+
+    parts = load_components(config.pretrained_model_name_or_path, config.revision, config.variant)
+    if config.prediction_type:
+        parts.noise_scheduler.register_to_config(prediction_type=config.prediction_type)
+    resolution = config.resolution or parts.default_resolution
+    check_resolution(
+        resolution, parts.vae_scale_factor * 2 ** (len(parts.unet.config.block_out_channels) - 1)
+    )
+    weight_dtype = weight_dtype_of(accelerator)
+    trainable = setup_trainable(parts, config)
+    parts.vae.to(accelerator.device, dtype=weight_dtype)
+    if not config.train_text_encoder:
+        parts.text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if config.mode != "full":
+        parts.unet.to(accelerator.device, dtype=weight_dtype)
+    for module in trainable.modules:
+        cast_training_params(module, dtype=torch.float32)
+    if config.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            parts.text_encoder.gradient_checkpointing_enable()
+    if config.enable_xformers_memory_efficient_attention:
+        try:
+            parts.unet.enable_xformers_memory_efficient_attention()
+        except (ModuleNotFoundError, ValueError) as error:
+            raise ChexmemError(f"xformers is not usable here: {error}".splitlines()[0]) from None
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    ema = EMAModel(trainable.params, decay=config.ema_decay) if config.use_ema else None
+    total_params = sum(p.numel() for p in parts.unet.parameters()) + sum(
+        p.numel() for p in parts.text_encoder.parameters()
+    )
+    trained_params = sum(p.numel() for p in trainable.params)
+
+    dataset = load_train_dataset(config)
+    dataset = dataset.with_transform(TrainTransform(parts.tokenizer, config, resolution))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=config.dataloader_num_workers,
+        drop_last=False,
+        # its own generator: creating an iterator must not draw from the global RNG, or a
+        # resumed run's random stream would differ from an uninterrupted one
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    lr = config.learning_rate
+    if config.scale_lr:
+        lr *= (
+            config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+        )
+    optimizer = make_optimizer(trainable.groups, config, lr)
+
+    batches_per_epoch = math.ceil(len(loader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    prepared = accelerator.prepare(*trainable.modules, optimizer, loader, lr_scheduler)
+    n = len(trainable.modules)
+    trained_modules = list(prepared[:n])
+    optimizer, loader, lr_scheduler = prepared[n:]
+    parts.unet = trained_modules[0]
+    if config.train_text_encoder:
+        parts.text_encoder = trained_modules[1]
+    if ema is not None:
+        ema.to(accelerator.device)
+    register_checkpoint_hooks(accelerator, trained_modules, ema)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(
+            "chexmem", config={k: str(v) for k, v in config.to_dict().items()}
+        )
+
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    checkpoint = resolve_resume(output_dir, config.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = read_state(checkpoint)
+        global_step, first_epoch, skip_batches = (
+            state["global_step"],
+            state["epoch"],
+            state["batches_in_epoch"],
+        )
+        if skip_batches >= batches_per_epoch:
+            first_epoch, skip_batches = first_epoch + 1, 0
+        accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+    elif config.resume_from_checkpoint:
+        accelerator.print("no checkpoint to resume from; starting a new run")
+
+    empty_ids = tokenize(parts.tokenizer, [""])
+    progress = tqdm(
+        range(max_steps),
+        initial=global_step,
+        desc="steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    samples_log = output_dir / "logs" / f"samples_rank{accelerator.process_index}.jsonl"
+    running_loss, last_loss, extra_logs = 0.0, float("nan"), {}
+    for epoch in range(first_epoch, num_epochs):
+        for module in trained_modules:
+            module.train()
+        loader.set_epoch(epoch)
+        epoch_loader = (
+            accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+        )
+        batches_in_epoch = skip_batches
+        skip_batches = 0
+        for batch in epoch_loader:
+            if config.log_sample_ids:
+                samples_log.parent.mkdir(parents=True, exist_ok=True)
+                with samples_log.open("a") as handle:
+                    handle.write(
+                        json.dumps({"step": global_step, "epoch": epoch, "ids": batch["sample_id"]})
+                        + "\n"
+                    )
+            with accelerator.accumulate(*trained_modules):
+                loss, extra_logs = training_step(
+                    parts,
+                    parts.unet,
+                    parts.text_encoder,
+                    batch,
+                    empty_ids,
+                    config,
+                    weight_dtype,
+                    sample_weighter,
+                    global_step,
+                )
+                gathered = accelerator.gather(loss.detach().reshape(1)).mean().item()
+                if not math.isfinite(gathered):
+                    last = list_checkpoints(output_dir)
+                    where = (
+                        f"the last good checkpoint is {last[-1]}"
+                        if last
+                        else "no checkpoint was written yet"
+                    )
+                    raise ChexmemError(
+                        f"the loss became {gathered} at step {global_step + 1}; {where}. "
+                        "Lower --learning_rate, use --mixed_precision bf16 instead of fp16, or check the data"
+                    )
+                running_loss += gathered / config.gradient_accumulation_steps
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(trainable.params, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            batches_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            if ema is not None:
+                ema.step(trainable.params)
+            last_loss = running_loss
+            if global_step % config.logging_steps == 0 or global_step == max_steps:
+                logs = {
+                    "loss": running_loss,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "epoch": epoch,
+                    **extra_logs,
+                }
+                if grad_norm is not None:
+                    logs["grad_norm"] = float(grad_norm)
+                accelerator.log(logs, step=global_step)
+                progress.set_postfix(loss=f"{running_loss:.4f}")
+            running_loss = 0.0
+            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+                state = {
+                    "global_step": global_step,
+                    "epoch": epoch,
+                    "batches_in_epoch": batches_in_epoch,
+                }
+                save_checkpoint(
+                    accelerator, output_dir, global_step, state, config.checkpoints_total_limit
+                )
+            if config.validation_steps and global_step % config.validation_steps == 0:
+                run_validation(accelerator, parts, trainable, ema, config, resolution, global_step)
+            if global_step >= max_steps:
+                break
+        if global_step >= max_steps:
+            break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    files: list[str] = []
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(trainable.params)
+        files = save_final(accelerator, parts, trainable, config, output_dir)
+        result_info = {
+            "global_step": global_step,
+            "final_loss": last_loss,
+            "trainable_params": trained_params,
+            "total_params": total_params,
+            "seconds": round(time.perf_counter() - start, 2),
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "resolution": resolution,
+            "config": config.to_dict(),
+        }
+        (output_dir / RUN_FILE).write_text(json.dumps(result_info, indent=1, default=str))
+    if config.validation_prompts:
+        run_validation(accelerator, parts, trainable, None, config, resolution, global_step)
+    accelerator.end_training()
+    return TrainResult(
+        output_dir,
+        global_step,
+        last_loss,
+        trained_params,
+        total_params,
+        time.perf_counter() - start,
+        files,
+    )
+
+
+def save_final(
+    accelerator: Accelerator,
+    parts: Components,
+    trainable: Trainable,
+    config: TrainConfig,
+    output_dir: Path,
+) -> list[str]:
+    """Write the pipeline folder, LoRA weights or subset delta (temp name, then rename)."""
+    unet = accelerator.unwrap_model(parts.unet)
+    text_encoder = accelerator.unwrap_model(parts.text_encoder)
+    staging = output_dir / ".final.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    if config.mode == "full":
+        pipeline = StableDiffusionPipeline(
+            vae=parts.vae.to(torch.float32),
+            text_encoder=text_encoder.to(torch.float32),
+            tokenizer=parts.tokenizer,
+            unet=unet.to(torch.float32),
+            scheduler=DDIMScheduler.from_config(parts.noise_scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipeline.save_pretrained(staging, safe_serialization=True)
+    elif config.mode == "lora":
+        save_lora(unet, text_encoder if config.train_text_encoder else None, staging)
+    else:
+        assert trainable.subset is not None
+        save_subset(unet, trainable.subset, staging, parts.source)
+    names = sorted(p.name for p in staging.iterdir())
+    for path in staging.iterdir():
+        target = output_dir / path.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        path.rename(target)
+    staging.rmdir()
+    return names
