@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -62,7 +61,7 @@ def check_pipeline_folder(path: Path) -> None:
 def load_components(
     name_or_path: str | None, revision: str | None = None, variant: str | None = None
 ) -> Components:
-    """Tokenizer, text encoder, VAE, UNet and a DDPM training scheduler, all in float32."""
+    """Tokenizer, text encoder, VAE, UNet (float32, as stored) and a DDPM training scheduler."""
     if not name_or_path:
         raise ChexmemError(
             "--pretrained_model_name_or_path is required: a pipeline folder (e.g. one made by "
@@ -91,6 +90,4 @@ def load_components(
                 0
             ]
         ) from None
-    for module in (text_encoder, vae, unet):
-        module.to(torch.float32)
     return Components(tokenizer, text_encoder, vae, unet, scheduler, source)

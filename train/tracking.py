@@ -23,7 +23,6 @@ class JsonlTracker(GeneralTracker):
         super().__init__()
         self.run_name = run_name
         self.path = Path(logging_dir) / METRICS_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     @property
     def tracker(self) -> Path:
@@ -32,10 +31,12 @@ class JsonlTracker(GeneralTracker):
 
     def store_init_configuration(self, values: dict[str, Any]) -> None:
         """Write the run configuration next to the metrics."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         (self.path.parent / "config.json").write_text(json.dumps(values, indent=1, default=str))
 
     def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
         """Append one line."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {"step": step, "time": round(time.time(), 3), **values}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record, default=float) + "\n")

@@ -8,6 +8,7 @@ here) without touching the loop.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
@@ -385,6 +386,14 @@ def run_validation(
     accelerator.wait_for_everyone()
 
 
+def weights_fingerprint(params: list[torch.nn.Parameter]) -> str:
+    """SHA-256 of the trained weights (to check that every process ends with the same model)."""
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) -> TrainResult:
     """Fine-tune a Stable Diffusion model as `config` says; returns where the result went."""
     start = time.perf_counter()
@@ -402,11 +411,10 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
     )
     weight_dtype = weight_dtype_of(accelerator)
     trainable = setup_trainable(parts, config)
-    parts.vae.to(accelerator.device, dtype=weight_dtype)
-    if not config.train_text_encoder:
-        parts.text_encoder.to(accelerator.device, dtype=weight_dtype)
-    if config.mode != "full":
-        parts.unet.to(accelerator.device, dtype=weight_dtype)
+    frozen_dtype = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
+    parts.vae.to(accelerator.device, **frozen_dtype)
+    parts.text_encoder.to(accelerator.device, **({} if config.train_text_encoder else frozen_dtype))
+    parts.unet.to(accelerator.device, **({} if config.mode == "full" else frozen_dtype))
     for module in trainable.modules:
         cast_training_params(module, dtype=torch.float32)
     if config.gradient_checkpointing:
@@ -583,6 +591,9 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
     progress.close()
 
     accelerator.wait_for_everyone()
+    fingerprints = gather_object([weights_fingerprint(trainable.params)])
+    if len(set(fingerprints)) > 1:
+        logger.warning("processes ended with different weights: %s", fingerprints)
     files: list[str] = []
     if accelerator.is_main_process:
         if ema is not None:
@@ -595,12 +606,15 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
             "total_params": total_params,
             "seconds": round(time.perf_counter() - start, 2),
             "num_processes": accelerator.num_processes,
+            "rank_weight_fingerprints": fingerprints,
             "mixed_precision": accelerator.mixed_precision,
             "resolution": resolution,
             "config": config.to_dict(),
         }
         (output_dir / RUN_FILE).write_text(json.dumps(result_info, indent=1, default=str))
-    if config.validation_prompts:
+    if config.validation_prompts and not (
+        config.validation_steps and global_step % config.validation_steps == 0
+    ):
         run_validation(accelerator, parts, trainable, None, config, resolution, global_step)
     accelerator.end_training()
     return TrainResult(
@@ -629,10 +643,10 @@ def save_final(
     staging.mkdir()
     if config.mode == "full":
         pipeline = StableDiffusionPipeline(
-            vae=parts.vae.to(torch.float32),
-            text_encoder=text_encoder.to(torch.float32),
+            vae=parts.vae.float(),
+            text_encoder=text_encoder.float(),
             tokenizer=parts.tokenizer,
-            unet=unet.to(torch.float32),
+            unet=unet.float(),
             scheduler=DDIMScheduler.from_config(parts.noise_scheduler.config),
             safety_checker=None,
             feature_extractor=None,
