@@ -2,21 +2,32 @@
 
 Stages so far:
 1. data: phantom chest radiographs with injected duplicates, saved with `save_to_disk`,
-   and a contact sheet of duplicated and ordinary training rows.
+   and contact sheets of duplicated and ordinary training rows;
+2. model: the tiny Stable Diffusion base model, built offline;
+3. fine-tune: the tiny model on the phantom data, with classifier-free guidance
+   (conditioning dropout 0.1) and without (0.0), everything else equal;
+4. copies: generations for duplicated training prompts and for held-out prompts, each
+   matched to its nearest training image (pixel NCC), with a summary and image grids.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
+from detect.similarity import ncc_features, nearest
 from hf_datasets.cliutils import add_config_flag
 from hf_datasets.duplicates import inject_duplicates
 from hf_datasets.phantom import PhantomConfig, generate_phantom
-from hf_datasets.show import show
-from hf_datasets.storage import save_dataset
+from hf_datasets.show import contact_sheet, show
+from hf_datasets.storage import load_dataset_dir, save_dataset
 from hf_datasets.summary import summarize
 
 
@@ -27,11 +38,18 @@ class DemoConfig:
     output_dir: str = "chexmem-demo"
     num_patients: int = 160
     max_studies_per_patient: int = 3
-    resolution: int = 128
+    resolution: int = 64
     duplicated_rows: int = 12
     copies: int = 20
+    max_train_steps: int = 1500
+    train_batch_size: int = 16
+    learning_rate: float = 3e-4
+    held_out_prompts: int = 12
+    generations_per_prompt: int = 2
+    inference_steps: int = 25
     seed: int = 0
     overwrite: bool = False
+    skip_training: bool = False
 
 
 def run_data_stage(config: DemoConfig) -> Path:
@@ -63,12 +81,152 @@ def run_data_stage(config: DemoConfig) -> Path:
     return path
 
 
+def run_model_stage(config: DemoConfig) -> Path:
+    """The tiny base model (reused when already built)."""
+    from train.tiny_model import TinyModelConfig, build_tiny_pipeline
+
+    path = Path(config.output_dir) / "tiny-sd"
+    if (path / "model_index.json").exists() and not config.overwrite:
+        print(f"base model: {path} (already built)")
+        return path
+    build_tiny_pipeline(
+        path,
+        TinyModelConfig(resolution=config.resolution, seed=config.seed),
+        overwrite=config.overwrite,
+    )
+    info = json.loads((path / "chexmem_tiny.json").read_text())
+    print(f"base model: {path} ({', '.join(f'{k} {v}' for k, v in info.items() if 'psnr' in k)})")
+    return path
+
+
+def run_train_stage(config: DemoConfig, base: Path, data: Path, dropout: float, name: str) -> Path:
+    """One full fine-tune of the tiny model; returns its pipeline folder."""
+    from train.config import TrainConfig
+    from train.trainer import train
+
+    out = Path(config.output_dir) / name
+    result = train(
+        TrainConfig(
+            pretrained_model_name_or_path=str(base),
+            train_data_dir=str(data),
+            output_dir=str(out),
+            overwrite_output_dir=True,
+            conditioning_dropout_prob=dropout,
+            max_train_steps=config.max_train_steps,
+            train_batch_size=config.train_batch_size,
+            learning_rate=config.learning_rate,
+            lr_warmup_steps=50,
+            lr_scheduler="constant_with_warmup",
+            checkpointing_steps=max(500, config.max_train_steps // 2),
+            checkpoints_total_limit=1,
+            logging_steps=25,
+            seed=config.seed,
+            report_to="jsonl",
+        )
+    )
+    print(
+        f"{name}: {result.global_step} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f}"
+    )
+    return out
+
+
+def generate(
+    model: Path, prompts: list[str], n: int, steps: int, guidance: float, seed: int
+) -> list[list[Image.Image]]:
+    """n images per prompt with fixed seeds (generation j of prompt i uses seed + 1000 i + j)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for i, prompt in enumerate(prompts):
+        generators = [torch.Generator().manual_seed(seed + 1000 * i + j) for j in range(n)]
+        images.append(
+            pipe(
+                [prompt] * n,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generators,
+            ).images
+        )
+    return images
+
+
+def run_copy_stage(config: DemoConfig, data: Path, models: dict[str, tuple[Path, float]]) -> dict:
+    """Nearest-training-image similarity of generations for duplicated vs held-out prompts."""
+    dataset = load_dataset_dir(data)
+    train = dataset["train"]
+    train_images = list(train["image"])
+    bank = ncc_features(train_images)
+    rows = train.remove_columns("image")
+    seen, duplicated = set(), []
+    for row in rows:
+        if row["copies"] > 1 and row["source_path"] not in seen:
+            seen.add(row["source_path"])
+            duplicated.append(row["prompt"])
+    held_out = list(dataset["test"]["prompt"])[: config.held_out_prompts]
+    groups = {"duplicated": duplicated, "held_out": held_out}
+    summary: dict = {"similarity": "pixel NCC at 64 px to the nearest training image", "models": {}}
+    out = Path(config.output_dir)
+    for name, (model, guidance) in models.items():
+        summary["models"][name] = {"guidance_scale": guidance}
+        for group, prompts in groups.items():
+            images = generate(
+                model,
+                prompts,
+                config.generations_per_prompt,
+                config.inference_steps,
+                guidance,
+                config.seed,
+            )
+            flat = [img for per_prompt in images for img in per_prompt]
+            match = nearest(ncc_features(flat), bank)
+            sims = match.similarity.reshape(len(prompts), -1)
+            summary["models"][name][group] = {
+                "prompts": len(prompts),
+                "generations_per_prompt": config.generations_per_prompt,
+                "mean_nearest_similarity": round(float(sims.mean()), 4),
+                "median_prompt_max": round(float(np.median(sims.max(axis=1))), 4),
+                "share_above_0.9": round(float((sims.max(axis=1) > 0.9).mean()), 4),
+            }
+            pairs, captions = [], []
+            for k, img in enumerate(flat[:: config.generations_per_prompt][:8]):
+                idx = int(match.index[k * config.generations_per_prompt])
+                pairs += [img, train_images[idx]]
+                captions += [
+                    f"{name} generation",
+                    f"nearest training image, NCC {match.similarity[k * config.generations_per_prompt]:.2f}",
+                ]
+            contact_sheet(pairs, captions, tile=128, columns=4, caption_lines=2).save(
+                out / f"copies_{name}_{group}.png"
+            )
+    (out / "copies.json").write_text(json.dumps(summary, indent=1))
+    for name, result in summary["models"].items():
+        for group in groups:
+            r = result[group]
+            print(
+                f"{name:>8} {group:>10}: mean nearest NCC {r['mean_nearest_similarity']:.3f}, median per-prompt max {r['median_prompt_max']:.3f}, share > 0.9 {r['share_above_0.9']:.0%}"
+            )
+    return summary
+
+
 def run_demo(config: DemoConfig) -> None:
     """Every stage of the demo, in order."""
     start = time.perf_counter()
     dup = f"{config.duplicated_rows} rows x {config.copies} copies"
     print(f"== data: {config.num_patients} phantom patients, duplicates {dup}")
-    run_data_stage(config)
+    data = run_data_stage(config)
+    if not config.skip_training:
+        print("== model: tiny Stable Diffusion, built offline")
+        base = run_model_stage(config)
+        print(
+            f"== fine-tune: {config.max_train_steps} steps with CFG (dropout 0.1) and without (0.0)"
+        )
+        with_cfg = run_train_stage(config, base, data, 0.1, "finetune-cfg")
+        without_cfg = run_train_stage(config, base, data, 0.0, "finetune-nocfg")
+        print("== copies: generations vs nearest training image")
+        run_copy_stage(config, data, {"cfg": (with_cfg, 7.5), "nocfg": (without_cfg, 1.0)})
+    (Path(config.output_dir) / "demo_config.json").write_text(json.dumps(asdict(config), indent=1))
     print(
         f"== demo finished in {time.perf_counter() - start:.1f} s; outputs in {config.output_dir}/"
     )
