@@ -34,7 +34,7 @@ _UNCERTAIN_SEVERITY = 0.5
 _ANATOMY_MAX = 236.0  # grey level that anatomy never exceeds; devices go above it
 _DEVICE_LEVEL = 252.0
 _AIR_LEVEL = 14.0
-_VESSEL_GAIN = np.array([0.55, 0.7, 0.55, 0.45, 0.38, 0.32])
+_VESSEL_GAIN = np.array([0.8, 0.75, 0.6, 0.45, 0.34, 0.25])
 
 
 @dataclass(frozen=True)
@@ -530,39 +530,67 @@ def _vessels(scene: _Scene) -> tuple[np.ndarray, np.ndarray]:
     )
     # widths are physical (normalised units) but never below ~1 px; the gain keeps each
     # vessel's peak density independent of the image size
-    sig_big = max(0.9, 0.014 / f.px)
-    sig_small = max(0.6, 0.0075 / f.px)
-    gain_big = 0.7 * sig_big / max(0.9, 0.014 * 64)
-    gain_small = 0.42 * sig_small / max(0.6, 0.0075 * 64)
+    # above 128 px the vessels get slightly wider still, so they read as soft shadows
+    soft = 1.0 + 0.3 * max(0.0, math.log2(f.size / 128.0))
+    sig_big = max(0.9, 0.014 * soft / f.px)
+    sig_small = max(0.6, 0.0075 * soft / f.px)
+    gain_big = 0.7 * sig_big / max(0.9, 0.014 * 64) / soft
+    gain_small = 0.42 * sig_small / max(0.6, 0.0075 * 64) / soft
     return gain_big * _blur(canvas[0], sig_big), gain_small * _blur(canvas[1], sig_small)
 
 
 # ----------------------------------------------------------------------------- bones
 
 
-def _ribs(scene: _Scene, fracture: tuple[int, int, float, float] | None) -> np.ndarray:
-    """Posterior and anterior ribs of both sides, with an optional fracture."""
+@lru_cache(maxsize=4096)
+def _rib_jitter(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-rib height offsets and lateral sweep factors of one patient (13 ribs a side)."""
+    rng = np.random.default_rng([seed, 99])
+    return (
+        rng.normal(0.0, 0.01, 13).astype(_F32),
+        rng.uniform(0.85, 1.15, 13).astype(_F32),
+    )
+
+
+def _ribs(
+    scene: _Scene, fracture: tuple[int, int, float, float] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior rib arcs (cortical rims, wider spacing lower down), faint anterior ribs, and
+    the rib cage margin outside the lungs."""
     a, f = scene.a, scene.f
-    u, y = f.u, f.y
+    u, y, w = f.u, f.y, scene.W
+    q = 0.035  # spacing grows by 2q per rib going down
     curve = a.rib_curve * (0.8 if scene.ap else 1.0)
-    yr = y - (-0.35 * u + curve * u * u) + (0.04 if scene.ap else 0.0)
-    phase = (yr - a.rib_first_y) / a.rib_spacing
+    offset, sweep = _rib_jitter(a.texture_seed)
+    # centre line: leaves the spine almost level, then arcs down over the lateral lung
+    lat = np.maximum(u / w - 0.5, 0.0) * 2.0
+    g0 = -0.16 * u + 0.45 * curve * u * u
+    g1 = 0.22 * lat * lat
+    ap_shift = 0.04 if scene.ap else 0.0
+
+    def phase_of(yy: np.ndarray, gg: np.ndarray) -> np.ndarray:
+        z = (yy - gg - a.rib_first_y - ap_shift) / a.rib_spacing
+        return (np.sqrt(np.maximum(1.0 + 4.0 * q * z, 0.0)) - 1.0) / (2.0 * q)
+
+    k0 = np.clip(np.floor(phase_of(y, g0 + g1) + 0.5), 0, 12).astype(np.int64)
+    g = g0 + g1 * sweep[k0] + offset[k0]
+    phase = phase_of(y, g)
     idx = np.floor(phase + 0.5)
     on_break = None
     if fracture is not None:
         side, k, uf, step = fracture
         on_break = (idx == k) & (f.left if side > 0 else ~f.left)
         shift = step + 0.15 * np.abs(step) / 0.04 * (u - uf)
-        yr = yr - np.where(on_break & (u > uf), shift, _F32(0.0))
-        phase = (yr - a.rib_first_y) / a.rib_spacing
-    d = (phase - idx) * a.rib_spacing
+        phase = phase_of(y - np.where(on_break & (u > uf), shift, _F32(0.0)), g)
+    spacing = a.rib_spacing * (1.0 + 2.0 * q * np.clip(idx, 0, 12))
+    d = (phase - idx) * spacing
     hw = a.rib_width * (1.0 + 0.025 * np.clip(idx, 0, 12))
     ad = np.abs(d)
     band = _ramp(hw - ad, 1.5 * f.e)
-    dens = band * (0.7 + 0.6 * (ad / hw) ** 3)
-    extent = _ramp(scene.lateral + 0.05 - u, 3 * f.e) * _ramp(u - 0.08, 2 * f.e)
-    extent *= (idx >= 0) & (idx <= 10)
-    extent *= 0.3 + 0.7 * _ramp(scene.dia + 0.04 - y, 0.08)
+    dens = band * (0.5 + 0.8 * (ad / hw) ** 4)  # cortical rims brighter than the marrow
+    extent = _ramp(scene.lateral + 0.06 - u, 3 * f.e) * _ramp(u - 0.07, 0.04)
+    extent *= (idx >= 0) & (idx <= 11)
+    extent *= 0.15 + 0.85 * _ramp(scene.dia + 0.03 - y, 0.06)
     if on_break is not None:
         gap = _ramp(0.018 - np.abs(u - fracture[2] - 0.3 * d), f.e) * on_break
         dens *= 1.0 - gap
@@ -570,13 +598,17 @@ def _ribs(scene: _Scene, fracture: tuple[int, int, float, float] | None) -> np.n
         near = on_break * _gauss((u - fracture[2]) / 0.06)
         dens += 1.3 * near * _ramp(2.0 * hw - ad, 2 * f.e) * (1.0 - gap)
     post = dens * extent
-    ya = y + 0.42 * (u - scene.W) + (0.06 if scene.ap else 0.0)
+    # anterior ribs: broad, faint, running down and medially from the lateral chest wall
+    ya = y + 0.5 * (u - w) - 0.3 * (u - w) ** 2 + (0.06 if scene.ap else 0.0)
     sp = a.rib_spacing * 1.15
     pa = (ya - a.rib_first_y - 0.2) / sp
     da = (pa - np.floor(pa + 0.5)) * sp
-    ant = _ramp(0.032 - np.abs(da), f.e) * _ramp(u - 0.4, 0.12) * _ramp(scene.lateral - u, 0.05)
+    ant = _ramp(0.03 - np.abs(da), 2 * f.e) * _ramp(u - 0.45, 0.15) * _ramp(scene.lateral - u, 0.05)
     ant *= _ramp(scene.dia - y, 0.05)
-    return post + 0.45 * ant
+    # rib cage margin: the ribs' lateral arcs seen edge-on just outside the lung
+    cage = _gauss((u - scene.lateral - 0.03) / 0.022) * _ramp(y - a.apex_y - 0.1, 0.15)
+    cage *= _ramp(scene.dia + 0.08 - y, 0.08)
+    return post + 0.22 * ant, cage
 
 
 def _clavicles(scene: _Scene) -> np.ndarray:
@@ -588,22 +620,23 @@ def _clavicles(scene: _Scene) -> np.ndarray:
     cy = y0 - slope * u + 0.6 * slope * u * u + 0.02 * np.sin(u * 7.0)
     d = np.abs(y - cy)
     end = scene.W * 0.92
-    hw = (0.04 + 0.01 * np.cos(u * 4.0)) * np.sqrt(np.clip((end - u) / 0.1, 0.2, 1.0))
-    band = _ramp(hw - d, f.e) * _ramp(u - 0.06, 2 * f.e) * _ramp(end - u, 2 * f.e)
-    return band * (0.85 + 0.5 * (d / hw) ** 2)
+    hw = (0.027 + 0.008 * np.cos(u * 4.0)) * np.sqrt(np.clip((end - u) / 0.1, 0.3, 1.0))
+    hw = hw * (1.0 + 0.4 * _gauss((u - 0.1) / 0.05))  # bulbous medial end
+    band = _ramp(hw - d, 1.2 * f.e) * _ramp(u - 0.06, 0.02) * _ramp(end - u, 0.04)
+    return band * (0.7 + 0.6 * (d / hw) ** 4)
 
 
 def _spine(scene: _Scene) -> np.ndarray:
-    """Vertebral column: bodies, disc spaces and pedicles."""
+    """Vertebral column: bodies with faint end plates and disc spaces, pedicles."""
     a, f = scene.a, scene.f
     x, y = f.x, f.y
     period = a.rib_spacing * 0.9
     ph = (y - a.rib_first_y + 0.03) / period
     fr = ph - np.floor(ph) - 0.5
-    body = _ramp(0.075 - np.abs(x), 2 * f.e) * (1.0 - 0.4 * _ramp(0.08 - np.abs(fr), 0.08))
-    ped = _ramp(0.012 - np.hypot(np.abs(x) - 0.055, fr * period * 0.7), f.e)
-    spinous = _ramp(0.009 - np.hypot(x, (fr + 0.2) * period * 0.5), f.e)
-    return 0.3 * body + 0.25 * ped + 0.2 * spinous
+    half = 0.062 + 0.018 * np.clip((y - a.apex_y) / 1.3, 0.0, 1.0)
+    body = _ramp(half - np.abs(x), 0.025) * (1.0 - 0.25 * _gauss(fr / 0.09))
+    ped = _gauss(np.hypot(np.abs(x) - 0.8 * half, fr * period * 0.7) / 0.012)
+    return 0.3 * body + 0.12 * ped
 
 
 def _scapulae(scene: _Scene) -> np.ndarray:
@@ -613,25 +646,34 @@ def _scapulae(scene: _Scene) -> np.ndarray:
     w = scene.W * (0.8 if scene.ap else 1.02)
     border = w + 0.15 * (y - a.apex_y)
     top = a.apex_y - 0.05
-    return _ramp(u - border, 2 * f.e) * _ramp(y - top, 0.05) * _ramp(a.apex_y + 0.6 - y, 0.1)
+    return _ramp(u - border, 0.03) * _ramp(y - top, 0.05) * _ramp(a.apex_y + 0.6 - y, 0.1)
 
 
 # ----------------------------------------------------------------------------- body
 
 
 def _body(scene: _Scene) -> tuple[np.ndarray, np.ndarray]:
-    """Soft-tissue thickness of trunk, neck and shoulders, and the body outline mask."""
+    """Soft-tissue thickness of trunk, neck and shoulders, and the body outline mask.
+
+    The trunk is an elliptical cross-section whose width grows from the axillae to the lower
+    chest, so its thickness falls off smoothly towards the rounded flanks and shoulders.
+    """
     a, f = scene.a, scene.f
     u, y = f.u, f.y
     bw, nw = a.body_width, a.neck_width
     tl = np.clip((u - nw) / (bw - nw), 0.0, 1.0)
     shoulder = a.shoulder_y + 0.35 * tl**2
-    mask = np.maximum(_ramp(y - shoulder, 3 * f.e), _ramp(nw - u, 2 * f.e))
-    ub = u / bw
-    trunk = np.sqrt(np.maximum(1.0 - ub**2, 0.0)) ** 0.7 * _ramp(bw - u, 1.5 * f.e)
+    below = np.clip((y - a.shoulder_y) / 0.9, 0.0, 1.0)
+    width = bw * (0.93 + 0.09 * np.sqrt(below)) * (1.0 - 0.04 * np.clip(y - 0.6, 0.0, 0.4))
+    mask = np.maximum(_ramp(y - shoulder, 0.08), _ramp(nw - u, 0.05))
+    ub = np.minimum(u / width, 1.0)
+    trunk = np.sqrt(1.0 - ub * ub) * (0.75 + 0.25 * _ramp(y - shoulder - 0.08, 0.25))
     neck = np.sqrt(np.maximum(1.0 - (u / nw) ** 2, 0.0)) * 0.75
     thick = np.maximum(trunk * mask, neck)
-    return thick * a.soft_tissue, mask
+    # chest-wall muscles: a little extra tissue lateral to the lungs, fading upwards
+    wall = _gauss((u - scene.lateral - 0.07) / 0.06) * _ramp(y - a.apex_y, 0.2)
+    thick = thick + 0.12 * wall * mask
+    return _blur(thick, 0.012 / f.px) * a.soft_tissue, mask
 
 
 def _breasts(scene: _Scene) -> np.ndarray:
@@ -683,41 +725,60 @@ def _lung_findings(
     return keep, extra, consolidated
 
 
-def _zone_mask(scene: _Scene, side: int, zone: str, sharp: bool) -> np.ndarray:
-    """Soft mask of an upper, middle or lower lung zone (lobe-like when sharp) on one side."""
-    f, a = scene.f, scene.a
-    onside = _ramp(side * f.x - 0.02, f.e)
+def _zone_centre(scene: _Scene, side: int, zone: str, rng: np.random.Generator) -> tuple:
+    """Centre (x, y) and radii of an upper, middle (paracardiac) or lower zone on one side."""
+    a = scene.a
+    w = a.lung_width_l if side > 0 else a.lung_width_r
     dome = scene.dome_l if side > 0 else scene.dome_r
-    fissure = a.hilum_y + 0.04
-    y = f.y
+    u = rng.uniform
     if zone == "upper":
-        below = np.maximum(y - fissure, 0.0) / 0.12
-        edge = _ramp(fissure - y, 0.02) if sharp else _gauss(below)
-        return onside * edge
-    if zone == "middle":
-        top = _ramp(y - fissure, 0.02) if sharp else np.clip((y - fissure + 0.1) / 0.15, 0, 1)
-        heart_side = _gauss((f.u - 0.38) / 0.22)
-        return onside * top * _gauss((y - fissure - 0.18) / 0.2) * heart_side
-    return onside * np.clip((y - (dome - 0.4)) / 0.25, 0.0, 1.0)
+        cu, cy, rx, ry = u(0.45, 0.6) * w, u(a.apex_y + 0.22, a.hilum_y - 0.08), 0.3, 0.22
+    elif zone == "middle":
+        cu, cy, rx, ry = u(0.3, 0.45) * w, u(a.hilum_y + 0.12, dome - 0.22), 0.26, 0.22
+    else:
+        cu, cy, rx, ry = u(0.45, 0.62) * w, dome - u(0.12, 0.22), 0.32, 0.22
+    return side * cu, cy, rx * w / 0.85, ry
 
 
 def _airspace_region(
     scene: _Scene, rng: np.random.Generator, name: str, fine: np.ndarray, s: float
 ) -> np.ndarray:
-    """Patchy (opacity) to confluent lobar (consolidation) airspace disease region."""
+    """Patchy (opacity) to confluent lobar (consolidation) airspace disease region.
+
+    An irregular, noise-warped blob with soft margins; lobar disease may be cut by one curved,
+    oblique fissure, which then gives the only sharp edge.
+    """
     f = scene.f
     opacity = name == "Lung Opacity"
     sides = _pick_sides(rng, 0.35 if opacity else 0.12)
     zones = ("upper", "middle", "lower")
-    region = np.zeros_like(f.x)
+    noise = _smooth_noise(rng, f.size, 10) + 0.4 * fine
+    size = 0.75 + 0.25 * s
+    env = np.zeros_like(f.x)
     for side in sides:
         zone = zones[int(rng.choice(3, p=(0.3, 0.25, 0.45)))]
-        region = np.maximum(region, _zone_mask(scene, side, zone, sharp=not opacity))
-    noise = _smooth_noise(rng, f.size, 10) + 0.4 * fine
-    thresh = {"Lung Opacity": -0.2, "Pneumonia": -0.7, "Consolidation": -1.2}[name]
-    thresh += (1.0 - s) * 0.8
-    patch = np.clip((noise - thresh) * 1.2, 0.0, 1.0)
-    return region * patch * scene.lung
+        cx, cy, rx, ry = _zone_centre(scene, side, zone, rng)
+        rx, ry = rx * size * rng.uniform(0.85, 1.15), ry * size * rng.uniform(0.85, 1.15)
+        tilt = rng.uniform(-0.5, 0.5)
+        c, sn = math.cos(tilt), math.sin(tilt)
+        dx, dy = f.x - cx, f.y - cy
+        r2 = ((c * dx + sn * dy) / rx) ** 2 + ((c * dy - sn * dx) / ry) ** 2
+        blob = _gauss(np.sqrt(r2) * 0.9)
+        if not opacity and zone != "lower" and rng.random() < 0.6:
+            # minor-fissure-like edge: curved, oblique, below an upper-zone / above a middle one
+            ex = side * f.x - side * cx
+            fy = cy + (0.55 if zone == "upper" else -0.55) * ry
+            line = fy + rng.uniform(0.12, 0.3) * rng.choice([-1, 1]) * ex
+            line = line + rng.uniform(0.1, 0.4) * ex * ex
+            cut = line - f.y if zone == "upper" else f.y - line
+            blob = np.maximum(blob, _gauss(np.sqrt(r2) * 0.7)) * _ramp(cut, 1.5 * f.e)
+        env = np.maximum(env, blob)
+    k_noise = {"Lung Opacity": 0.5, "Pneumonia": 0.35, "Consolidation": 0.25}[name]
+    thresh = {"Lung Opacity": 0.45, "Pneumonia": 0.33, "Consolidation": 0.22}[name]
+    thresh += (1.0 - s) * 0.25
+    field = env * (1.0 + k_noise * noise) + 0.5 * k_noise * noise
+    patch = np.clip((field - thresh) / 0.3, 0.0, 1.0)
+    return patch * patch * (3.0 - 2.0 * patch) * scene.lung
 
 
 def _batwing(scene: _Scene) -> np.ndarray:
@@ -774,7 +835,7 @@ def _lesions(scene: _Scene, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
 
 
 def _plate_atelectasis(scene: _Scene, rng: np.random.Generator) -> np.ndarray:
-    """Linear, plate-like basal band densities."""
+    """Linear, plate-like basal band densities: thin, tapered, slightly oblique and curved."""
     f, a, s = scene.f, scene.a, scene.plan.sev["Atelectasis"]
     out = np.zeros_like(f.x)
     for _ in range(int(rng.integers(1, 3))):
@@ -784,11 +845,15 @@ def _plate_atelectasis(scene: _Scene, rng: np.random.Generator) -> np.ndarray:
         cx = side * rng.uniform(0.5, 0.65) * w
         cy = dome - rng.uniform(0.08, 0.2)
         half = rng.uniform(0.14, 0.22) * (0.6 + 0.4 * s)
-        tilt = rng.uniform(-0.25, 0.1) * side
-        p0 = (cx - half * math.cos(tilt), cy - half * math.sin(tilt))
-        p1 = (cx + half * math.cos(tilt), cy + half * math.sin(tilt))
-        thick = rng.uniform(0.014, 0.024) * (0.7 + 0.3 * s)
-        out = np.maximum(out, _ramp(thick - _segment_distance(f.x, f.y, p0, p1), f.e))
+        tilt = rng.uniform(0.08, 0.3) * rng.choice([-1, 1])
+        bend = rng.uniform(-1.2, 1.2)
+        thick = rng.uniform(0.012, 0.02) * (0.7 + 0.3 * s)
+        c, sn = math.cos(tilt), math.sin(tilt)
+        dx, dy = f.x - cx, f.y - cy
+        along = c * dx + sn * dy
+        across = c * dy - sn * dx - bend * along * along
+        taper = np.sqrt(np.clip(1.0 - (along / half) ** 2, 0.0, 1.0))
+        out = np.maximum(out, _ramp(thick * taper - np.abs(across), 1.5 * f.e))
     return out * scene.lung * (1.0 - scene.heart)
 
 
@@ -989,7 +1054,7 @@ def render(
     dens -= 0.7 * air
 
     # mediastinum, heart, great vessels and airways
-    dens += 0.06 * scene.heart
+    dens += 0.06 * scene.heart * _ramp(scene.heart_cy + 0.06 - f.y, 0.08)
     trachea_x = 0.02 * np.clip((f.y - a.apex_y) / 0.4, 0, 1)
     carina = a.hilum_y - 0.12
     trachea = _ramp(0.036 - np.abs(f.x - trachea_x), 2 * f.e) * _ramp(carina - f.y, 2 * f.e)
@@ -1000,7 +1065,8 @@ def render(
         dens -= 0.06 * _ramp(0.024 - _segment_distance(f.x, f.y, (0.0, carina), p1), 2 * f.e)
     hx = a.mediastinum_width + 0.06
     hila = _gauss((f.u - hx) / 0.07, (f.y - a.hilum_y - 0.02) / 0.12)
-    dens += 0.1 * hila * scene.lung
+    hila += 0.6 * _gauss((f.u - hx - 0.03) / 0.05, (f.y - a.hilum_y - 0.14) / 0.07)
+    dens += 0.16 * hila * scene.lung
 
     # lung markings, hidden by collapse/effusion/consolidation
     trunks, branches = _vessels(scene)
@@ -1012,19 +1078,23 @@ def render(
         vessels = (1.0 - mix) * vessels + mix * 1.6 * halo
         if r_find.random() < 0.7:
             dens += sev["Edema"] * 0.25 * _kerley_lines(scene, r_find)
-    dens += vessels * (scene.lung * 0.85 + 0.15)
-    texture = 0.025 * fine + 0.02 * coarse + 0.03 * micro * (0.6 + 0.4 * np.abs(fine))
+    dens += vessels * (scene.lung * 0.85 + 0.15) * (1.0 - 0.65 * scene.heart)
+    texture = 0.025 * fine + 0.02 * coarse + 0.045 * micro * (0.6 + 0.4 * np.abs(fine))
     dens += texture * scene.lung * inflated
 
     # findings that add density
-    dens += 0.2 * ptx_line + extra
+    dens += 0.15 * ptx_line + extra
 
     # bones
     bone = 0.15 * a.bone_density
     fracture = _fracture_params(scene, r_find) if sev["Fracture"] else None
-    dens += bone * _ribs(scene, fracture) * (0.1 + 0.9 * scene.lung)
-    dens += bone * 1.6 * _clavicles(scene)
-    dens += bone * _spine(scene) * (0.6 + 0.4 * body_mask)
+    ribs, cage = _ribs(scene, fracture)
+    behind_heart = 1.0 - 0.8 * scene.heart
+    dens += bone * (1.1 * ribs * (0.2 + 0.8 * scene.lung) * behind_heart + 0.5 * cage)
+    dens += bone * 1.2 * _clavicles(scene)
+    # the spine shows moderately above the heart and only faintly through it
+    spine_vis = 0.55 - 0.37 * _ramp(f.y - scene.heart_top - 0.05, 0.15)
+    dens += bone * _spine(scene) * spine_vis * (0.4 + 0.6 * body_mask)
     dens += 0.1 * _scapulae(scene) * body_mask
 
     # abdomen: stomach gas bubble under the left hemidiaphragm
