@@ -57,7 +57,7 @@ def similarity_to(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
 
 
 def mean_pairwise(features: Sequence[np.ndarray]) -> float:
-    """Mean similarity between distinct rows (diversity of a prompt's generations; lower = more diverse)."""
+    """Mean similarity between distinct rows: a prompt's diversity (lower = more diverse)."""
     stacked = np.stack(features)
     scores = stacked @ stacked.T
     n = len(stacked)

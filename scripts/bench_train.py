@@ -32,7 +32,7 @@ def peak_rss_mb() -> float:
 
 
 def run_ours(model: str, data: str, mode: str, batch: int, warmup: int, steps: int) -> dict:
-    """samples/s of `train()` between the end of warm-up and the last step (from its metrics log)."""
+    """samples/s of `train()` from the end of warm-up to the last step (its metrics log)."""
     from train.config import TrainConfig
     from train.tracking import read_metrics
     from train.trainer import train
@@ -186,14 +186,16 @@ def main() -> None:
             f"batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up, one thread"
         )
         print(
-            "| mode | chexmem samples/s | minimal loop samples/s | ratio | chexmem peak RSS MiB | minimal peak RSS MiB |"
+            "| mode | chexmem samples/s | minimal loop samples/s | ratio "
+            "| chexmem peak RSS MiB | minimal peak RSS MiB |"
         )
         print("|---|---|---|---|---|---|")
         for mode in MODES:
             ours, minimal = measure("ours", args, mode), measure("minimal", args, mode)
             ratio = ours["samples_per_s"] / minimal["samples_per_s"]
             print(
-                f"| {mode} | {ours['samples_per_s']:.1f} | {minimal['samples_per_s']:.1f} | {ratio:.2f} | {ours['peak_rss_mb']:.0f} | {minimal['peak_rss_mb']:.0f} |"
+                f"| {mode} | {ours['samples_per_s']:.1f} | {minimal['samples_per_s']:.1f} "
+                f"| {ratio:.2f} | {ours['peak_rss_mb']:.0f} | {minimal['peak_rss_mb']:.0f} |"
             )
 
 

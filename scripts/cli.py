@@ -10,7 +10,7 @@ from hf_datasets.cli import add_data_commands
 from hf_datasets.cliutils import apply_config_file, setup_logging
 from hf_datasets.errors import ChexmemError
 from scripts.demo import add_demo_command
-from train.cli import add_train_command
+from train.cli import add_model_command, add_train_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,9 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
         "memorization.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{demo,data,train}")
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, metavar="{demo,data,model,train}"
+    )
     add_demo_command(subparsers)
     add_data_commands(subparsers)
+    add_model_command(subparsers)
     add_train_command(subparsers)
     return parser
 

@@ -125,7 +125,8 @@ def run_train_stage(config: DemoConfig, base: Path, data: Path, dropout: float, 
         )
     )
     print(
-        f"{name}: {result.global_step} steps in {result.seconds:.0f} s, final loss {result.final_loss:.4f}"
+        f"{name}: {result.global_step} steps in {result.seconds:.0f} s, "
+        f"final loss {result.final_loss:.4f}"
     )
     return out
 
@@ -192,10 +193,11 @@ def run_copy_stage(config: DemoConfig, data: Path, models: dict[str, tuple[Path,
             pairs, captions = [], []
             for k, img in enumerate(flat[:: config.generations_per_prompt][:8]):
                 idx = int(match.index[k * config.generations_per_prompt])
+                score = match.similarity[k * config.generations_per_prompt]
                 pairs += [img, train_images[idx]]
                 captions += [
                     f"{name} generation",
-                    f"nearest training image, NCC {match.similarity[k * config.generations_per_prompt]:.2f}",
+                    f"nearest training image, NCC {score:.2f}",
                 ]
             contact_sheet(pairs, captions, tile=128, columns=4, caption_lines=2).save(
                 out / f"copies_{name}_{group}.png"
@@ -205,7 +207,9 @@ def run_copy_stage(config: DemoConfig, data: Path, models: dict[str, tuple[Path,
         for group in groups:
             r = result[group]
             print(
-                f"{name:>8} {group:>10}: mean nearest NCC {r['mean_nearest_similarity']:.3f}, median per-prompt max {r['median_prompt_max']:.3f}, share > 0.9 {r['share_above_0.9']:.0%}"
+                f"{name:>8} {group:>10}: mean nearest NCC {r['mean_nearest_similarity']:.3f}, "
+                f"median per-prompt max {r['median_prompt_max']:.3f}, "
+                f"share > 0.9 {r['share_above_0.9']:.0%}"
             )
     return summary
 

@@ -22,13 +22,47 @@ def cmd_train(args: argparse.Namespace) -> None:
     if result.files:
         card = write_model_card(result.output_dir)
         print(
-            f"trained {result.global_step} steps in {result.seconds:.0f} s; final loss {result.final_loss:.4f}"
+            f"trained {result.global_step} steps in {result.seconds:.0f} s; "
+            f"final loss {result.final_loss:.4f}"
         )
         print(f"saved to {result.output_dir}: {', '.join(result.files)}, {card.name}")
         if config.push_to_hub:
             print(
-                f"pushed to {push_output(result.output_dir, config.hub_model_id, private=config.hub_private)}"
+                "pushed to",
+                push_output(result.output_dir, config.hub_model_id, private=config.hub_private),
             )
+
+
+def cmd_model_tiny(args: argparse.Namespace) -> None:
+    """Build the tiny offline base model."""
+    import json
+
+    from train.tiny_model import TinyModelConfig, build_tiny_pipeline
+
+    config = TinyModelConfig(
+        resolution=args.resolution, seed=args.seed, vae_train_steps=args.vae_train_steps
+    )
+    out = build_tiny_pipeline(args.out, config, overwrite=args.overwrite)
+    info = json.loads((out / "chexmem_tiny.json").read_text())
+    psnr = {k: v for k, v in info.items() if "psnr" in k}
+    print(f"built {out} ({', '.join(f'{k} {v}' for k, v in psnr.items())})")
+    print(f"load it with StableDiffusionPipeline.from_pretrained({str(out)!r})")
+
+
+def add_model_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register `chexmem model tiny`."""
+    model = subparsers.add_parser("model", help="base models for fine-tuning")
+    sub = model.add_subparsers(dest="model_command", required=True, metavar="{tiny}")
+    p = sub.add_parser(
+        "tiny", help="build the tiny offline Stable Diffusion model (the embedded default)"
+    )
+    p.add_argument("--out", required=True, help="output pipeline folder")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae_train_steps", type=int, default=600)
+    p.add_argument("--overwrite", action="store_true")
+    add_config_flag(p)
+    p.set_defaults(func=cmd_model_tiny, _parser=p)
 
 
 def add_train_command(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +70,8 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         help="fine-tune Stable Diffusion (full, LoRA or a parameter subset)",
-        description="Fine-tune Stable Diffusion on chest X-rays. Multi-GPU: `accelerate launch -m train` with the same flags.",
+        description="Fine-tune Stable Diffusion on chest X-rays. "
+        "Multi-GPU: `accelerate launch -m train` with the same flags.",
     )
     add_train_flags(p)
     add_config_flag(p)

@@ -47,7 +47,8 @@ def load_train_dataset(config: TrainConfig) -> Dataset:
     ]
     if missing:
         raise ChexmemError(
-            f"the dataset lacks column(s) {', '.join(missing)} (--image_column / --caption_column); "
+            f"the dataset lacks column(s) {', '.join(missing)} "
+            "(--image_column / --caption_column); "
             f"it has: {', '.join(dataset.column_names)}"
         )
     if config.max_train_samples is not None:
@@ -59,7 +60,7 @@ def load_train_dataset(config: TrainConfig) -> Dataset:
 def image_to_tensor(
     image: Image.Image, resolution: int, center_crop: bool, random_flip: bool
 ) -> torch.Tensor:
-    """A (3, R, R) float tensor in [-1, 1]: grayscale replicated, resized, cropped, maybe flipped."""
+    """(3, R, R) float tensor in [-1, 1]: grayscale replicated, resized, cropped, maybe flipped."""
     image = resize_shorter_side(to_grayscale(image), resolution)
     width, height = image.size
     if center_crop:
@@ -75,7 +76,7 @@ def image_to_tensor(
 
 
 class TrainTransform:
-    """Batch transform for `Dataset.with_transform` (a class, so DataLoader workers can pickle it)."""
+    """Batch transform for `Dataset.with_transform` (a class: DataLoader workers pickle it)."""
 
     def __init__(self, tokenizer: CLIPTokenizer, config: TrainConfig, resolution: int) -> None:
         self.tokenizer = tokenizer

@@ -49,7 +49,7 @@ def add_lora(unet: torch.nn.Module, text_encoder: CLIPTextModel, config: TrainCo
 
 
 def save_lora(unet: torch.nn.Module, text_encoder: CLIPTextModel | None, out: Path) -> Path:
-    """Write `pytorch_lora_weights.safetensors` (diffusers format, loadable with load_lora_weights)."""
+    """Write `pytorch_lora_weights.safetensors` (diffusers format, for load_lora_weights)."""
     unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     text_layers = None
     if text_encoder is not None:

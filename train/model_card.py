@@ -43,11 +43,21 @@ and keep the training data's licence and consent terms in mind.
 
 def _usage(mode: str, base: str) -> str:
     """How to load the result."""
+    lines = ["```python", "from diffusers import StableDiffusionPipeline"]
     if mode == "lora":
-        return f'```python\nfrom diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained({base!r})\npipe.load_lora_weights("<this folder or repo>")\n```'
-    if mode == "subset":
-        return f'```python\nfrom diffusers import StableDiffusionPipeline\nfrom train.subset import load_subset\npipe = StableDiffusionPipeline.from_pretrained({base!r})\nload_subset(pipe.unet, "<this folder>")\n```'
-    return '```python\nfrom diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained("<this folder or repo>")\n```'
+        lines += [
+            f"pipe = StableDiffusionPipeline.from_pretrained({base!r})",
+            'pipe.load_lora_weights("<this folder or repo>")',
+        ]
+    elif mode == "subset":
+        lines += [
+            "from train.subset import load_subset",
+            f"pipe = StableDiffusionPipeline.from_pretrained({base!r})",
+            'load_subset(pipe.unet, "<this folder>")',
+        ]
+    else:
+        lines.append('pipe = StableDiffusionPipeline.from_pretrained("<this folder or repo>")')
+    return "\n".join([*lines, "```"])
 
 
 def write_model_card(output_dir: str | Path) -> Path:
@@ -63,7 +73,8 @@ def write_model_card(output_dir: str | Path) -> Path:
         + (" and the text encoder" if config["train_text_encoder"] else ""),
         "lora": f"LoRA rank {config['rank']} on {', '.join(config['lora_target_modules'])}"
         + (" (+ text encoder)" if config["train_text_encoder"] else ""),
-        "subset": f"UNet parameters matching {config['trainable_params'] or ''} {config['trainable_mask'] or ''}".strip(),
+        "subset": "UNet parameters matching "
+        + " ".join(str(x) for x in (config["trainable_params"], config["trainable_mask"]) if x),
     }[mode]
     card_data = ModelCardData(
         library_name="diffusers",

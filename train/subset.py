@@ -100,7 +100,8 @@ def from_element_masks(unet: torch.nn.Module, path: Path) -> Subset:
     for name, mask in masks.items():
         if mask.shape != params[name].shape:
             raise ChexmemError(
-                f"{path}: mask of {name} has shape {tuple(mask.shape)}, parameter {tuple(params[name].shape)}"
+                f"{path}: mask of {name} has shape {tuple(mask.shape)}, "
+                f"parameter {tuple(params[name].shape)}"
             )
     partial = {k: v for k, v in masks.items() if not bool(v.all())}
     names = [k for k, v in masks.items() if bool(v.any())]

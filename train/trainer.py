@@ -543,7 +543,8 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
                     )
                     raise ChexmemError(
                         f"the loss became {gathered} at step {global_step + 1}; {where}. "
-                        "Lower --learning_rate, use --mixed_precision bf16 instead of fp16, or check the data"
+                        "Lower --learning_rate, use --mixed_precision bf16 instead of fp16, "
+                        "or check the data"
                     )
                 running_loss += gathered / config.gradient_accumulation_steps
                 accelerator.backward(loss)

@@ -8,7 +8,8 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = [REPO / "accelerate_config.yaml", *sorted((REPO / "configs" / "accelerate").glob("*.yaml"))]
+LAUNCH_CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
+CONFIGS = [REPO / "accelerate_config.yaml", *LAUNCH_CONFIGS]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

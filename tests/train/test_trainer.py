@@ -219,7 +219,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base_args: dict) -> N
 
     with pytest.raises(
         ChexmemError,
-        match="the loss became nan at step 5; the last good checkpoint is .*checkpoint-3",
+        match=r"the loss became nan at step 5; the last good checkpoint is .*checkpoint-3",
     ):
         train(TrainConfig(**{**base_args, "max_train_steps": 10}), sample_weighter=nan_after_step_4)
     checkpoints = list_checkpoints(base_args["output_dir"])
@@ -278,7 +278,7 @@ def test_not_a_pipeline_folder(base_args: dict, tmp_path: Path) -> None:
     (tmp_path / "model" / "model_index.json").write_text(
         '{"_class_name": "FluxPipeline", "transformer": ["diffusers", "X"]}'
     )
-    with pytest.raises(ChexmemError, match="trains Stable Diffusion 1.x / 2.x"):
+    with pytest.raises(ChexmemError, match=r"trains Stable Diffusion 1\.x / 2\.x"):
         train(
             TrainConfig(**{**base_args, "pretrained_model_name_or_path": str(tmp_path / "model")})
         )
