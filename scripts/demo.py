@@ -36,17 +36,18 @@ class DemoConfig:
     """What the demo runs; each field is a `chexmem demo` flag."""
 
     output_dir: str = "chexmem-demo"
-    num_patients: int = 160
+    num_patients: int = 60
     max_studies_per_patient: int = 3
     resolution: int = 64
-    duplicated_rows: int = 12
+    duplicated_rows: int = 10
     copies: int = 20
-    max_train_steps: int = 1500
-    train_batch_size: int = 16
-    learning_rate: float = 3e-4
-    held_out_prompts: int = 12
+    max_train_steps: int = 1200
+    train_batch_size: int = 8
+    learning_rate: float = 2e-3
+    held_out_prompts: int = 10
     generations_per_prompt: int = 2
     inference_steps: int = 25
+    vae_train_steps: int = 600
     seed: int = 0
     overwrite: bool = False
     skip_training: bool = False
@@ -112,6 +113,7 @@ def run_train_stage(config: DemoConfig, base: Path, data: Path, dropout: float, 
             output_dir=str(out),
             overwrite_output_dir=True,
             conditioning_dropout_prob=dropout,
+            train_text_encoder=True,  # the tiny model's text encoder starts untrained
             max_train_steps=config.max_train_steps,
             train_batch_size=config.train_batch_size,
             learning_rate=config.learning_rate,

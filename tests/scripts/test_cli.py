@@ -111,26 +111,29 @@ def test_folder_command_with_parquet(tmp_path: Path) -> None:
 def test_console_script_runs_the_demo(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
-        sys.executable,
-        "-m",
-        "scripts.cli",
-        "demo",
-        "--output_dir",
-        str(tmp_path / "demo"),
-        "--num_patients",
-        "20",
-        "--duplicated_rows",
-        "3",
-        "--copies",
-        "4",
-        "--resolution",
-        "64",
-    ]
+        sys.executable, "-m", "scripts.cli", "demo", "--output_dir", str(tmp_path / "demo"),
+        "--num_patients", "12", "--duplicated_rows", "2", "--copies", "4", "--max_train_steps", "4",
+        "--train_batch_size", "4", "--vae_train_steps", "5", "--held_out_prompts", "2",
+        "--generations_per_prompt", "1", "--inference_steps", "2",
+    ]  # fmt: skip
     result = subprocess.run(
-        command, capture_output=True, text=True, env=env, timeout=300, check=False
+        command, capture_output=True, text=True, env=env, timeout=600, check=False
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "demo finished" in result.stdout
-    assert (tmp_path / "demo" / "duplicated_rows.png").is_file()
-    train = load_dataset_dir(tmp_path / "demo" / "data")["train"]
-    assert sum(1 for c in train["copies"] if c > 1) == 12
+    demo = tmp_path / "demo"
+    assert (demo / "duplicated_rows.png").is_file()
+    train = load_dataset_dir(demo / "data")["train"]
+    assert sum(1 for c in train["copies"] if c > 1) == 8
+    for name in ("finetune-cfg", "finetune-nocfg"):
+        assert (demo / name / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    import json
+
+    copies = json.loads((demo / "copies.json").read_text())
+    assert set(copies["models"]) == {"cfg", "nocfg"}
+    for result_of_model in copies["models"].values():
+        assert (
+            result_of_model["duplicated"]["prompts"] == 2
+            and result_of_model["held_out"]["prompts"] == 2
+        )
+    assert (demo / "copies_cfg_duplicated.png").is_file()

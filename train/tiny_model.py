@@ -1,0 +1,410 @@
+"""The embedded default's base model: a tiny Stable Diffusion built offline, deterministically.
+
+`build_tiny_pipeline` writes an ordinary diffusers folder (``model_index.json``, ``unet/``,
+``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) that
+``StableDiffusionPipeline.from_pretrained(folder)`` loads without chexmem. The parts follow
+Stable Diffusion 1.x at toy width: a CLIP text encoder, a UNet with self- and cross-attention
+transformer blocks, a KL autoencoder that downsamples by 4 and the SD 1.x DDIM schedule.
+
+The text encoder and UNet keep their seeded random initialisation (fine-tuning trains them).
+The autoencoder is trained here, on augmented phantom radiographs, because the diffusion
+model can only learn images its autoencoder can reconstruct; its ``scaling_factor`` is
+1 / std of its latents on phantoms, as for SD's 0.18215. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from hf_datasets.errors import ChexmemError
+from hf_datasets.label_stats import LabelSampler
+from hf_datasets.phantom_render import render, sample_anatomy, vary_study
+from train.tokenizer import build_tokenizer, prompt_corpus
+
+INFO_FILE = "chexmem_tiny.json"
+HELD_OUT_IMAGES = 64
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of the tiny model and how its autoencoder is trained."""
+
+    resolution: int = 64  # image size the model is made for
+    latent_channels: int = 4
+    vae_channels: tuple[int, ...] = (32, 64, 64)  # 3 blocks -> downsampling factor 4
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+    text_hidden_size: int = 64
+    text_layers: int = 2
+    vocab_size: int = 1000  # at most; a small prompt corpus may fill fewer
+    vae_train_steps: int = 600
+    vae_batch_size: int = 8
+    vae_crop_size: int = 32  # the autoencoder is convolutional: crops train it faster
+    vae_learning_rate: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    vae_num_phantoms: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.vae_channels = tuple(self.vae_channels)
+        self.unet_channels = tuple(self.unet_channels)
+        factor = self.downsampling_factor
+        if self.resolution % (4 * factor) or self.resolution < 16:
+            raise ChexmemError(
+                f"resolution must be a multiple of {4 * factor} and >= 16, not {self.resolution}"
+            )
+        if not factor <= self.vae_crop_size <= self.resolution or self.vae_crop_size % factor:
+            raise ChexmemError(
+                f"vae_crop_size must be a multiple of {factor} between {factor} and "
+                f"resolution ({self.resolution}), not {self.vae_crop_size}"
+            )
+        if self.text_hidden_size % 4:
+            raise ChexmemError(f"text_hidden_size must be a multiple of 4 (4 attention heads)")
+
+    @property
+    def downsampling_factor(self) -> int:
+        """How many pixels one latent covers along each side."""
+        return 2 ** (len(self.vae_channels) - 1)
+
+
+def build_tiny_pipeline(
+    out: str | Path,
+    config: TinyModelConfig | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Build the tiny model and save it as a diffusers pipeline folder at `out`."""
+    config = config or TinyModelConfig()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ChexmemError(f"{out} already exists; pass overwrite=True to replace it")
+    pipeline, info = make_tiny_pipeline(config, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.building-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        _replace_dir(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def make_tiny_pipeline(
+    config: TinyModelConfig, progress: bool = False
+) -> tuple[StableDiffusionPipeline, dict]:
+    """The tiny pipeline in memory and what was measured while building it."""
+    tokenizer = build_tokenizer(prompt_corpus(seed=config.seed), config.vocab_size)
+    # a private RNG stream: building must not depend on, or change, the caller's global seed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        text_encoder = make_text_encoder(config, tokenizer)
+        unet = make_unet(config)
+        vae = make_vae(config)
+    generator = torch.Generator().manual_seed(config.seed)
+    train_vae(
+        vae, phantom_images(config.vae_num_phantoms, config, stream=0), config, generator, progress
+    )
+    held_out = phantom_images(HELD_OUT_IMAGES, config, stream=1)
+    std = latent_std(vae, held_out, generator)
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    psnr = vae_psnr(vae, [Image.fromarray(a) for a in held_out], config.resolution)
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=make_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    info = {
+        "what": "chexmem embedded-default base model (tiny Stable Diffusion 1.x-like)",
+        "config": asdict(config),
+        "vae_psnr_phantom_held_out_db": round(psnr, 3),
+        "held_out_phantoms": HELD_OUT_IMAGES,
+        "latent_std": round(std, 5),
+        "scaling_factor": vae.config.scaling_factor,
+        "vocab_size": len(tokenizer),
+        "parameters": {
+            "unet": _count(unet),
+            "vae": _count(vae),
+            "text_encoder": _count(text_encoder),
+        },
+    }
+    return pipeline, info
+
+
+def make_text_encoder(config: TinyModelConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    """A randomly initialised CLIP text encoder sized for the tokenizer."""
+    return CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=config.text_hidden_size,
+            intermediate_size=2 * config.text_hidden_size,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def make_unet(config: TinyModelConfig) -> UNet2DConditionModel:
+    """A randomly initialised SD 1.x-style UNet (cross-attention in the two upper levels)."""
+    return UNet2DConditionModel(
+        sample_size=config.resolution // config.downsampling_factor,
+        in_channels=config.latent_channels,
+        out_channels=config.latent_channels,
+        block_out_channels=config.unet_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=config.text_hidden_size,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def make_vae(config: TinyModelConfig) -> AutoencoderKL:
+    """A randomly initialised KL autoencoder for 3-channel images (grayscale replicated)."""
+    blocks = len(config.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=config.vae_channels,
+        layers_per_block=1,
+        latent_channels=config.latent_channels,
+        norm_num_groups=8,
+        sample_size=config.resolution,
+        # no mid-block attention: the autoencoder stays convolutional, so training on crops
+        # carries over to whole images
+        mid_block_add_attention=False,
+    )
+
+
+def make_scheduler() -> DDIMScheduler:
+    """The noise schedule of Stable Diffusion 1.x."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def phantom_images(n: int, config: TinyModelConfig, stream: int) -> np.ndarray:
+    """n phantom radiographs, uint8 (n, resolution, resolution); streams give disjoint sets."""
+    sampler = LabelSampler()
+    rng = np.random.default_rng([config.seed, stream])
+    images = []
+    for _ in range(n):
+        anatomy = sample_anatomy(rng, sex=sampler.sex(rng), age=sampler.age(rng))
+        labels, view = sampler.labels(rng), sampler.view(rng)
+        images.append(render(vary_study(anatomy, rng), labels, view, config.resolution, rng))
+    return np.stack(images)
+
+
+def train_vae(
+    vae: AutoencoderKL,
+    images: np.ndarray,
+    config: TinyModelConfig,
+    generator: torch.Generator,
+    progress: bool = False,
+) -> None:
+    """Train the autoencoder to reconstruct augmented crops of the images (MSE + small KL)."""
+    pool = torch.from_numpy(images).float().div(127.5).sub(1.0).unsqueeze(1)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=config.vae_learning_rate,
+        total_steps=config.vae_train_steps,
+        pct_start=0.15,
+    )
+    vae.to(memory_format=torch.channels_last)  # faster CPU convolutions
+    vae.train()
+    bar = tqdm(range(config.vae_train_steps), desc="tiny VAE", disable=not progress)
+    for _ in bar:
+        index = torch.randint(len(pool), (config.vae_batch_size,), generator=generator)
+        x = augment(pool[index], generator, config.vae_crop_size).expand(-1, 3, -1, -1)
+        x = x.contiguous(memory_format=torch.channels_last)
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+        loss = F.mse_loss(reconstruction, x) + config.vae_kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    vae.to(memory_format=torch.contiguous_format)
+    vae.eval()
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, crop: int) -> torch.Tensor:
+    """Random pose, levels, wires, sharpening and crops of a batch (b, 1, h, w) in [-1, 1]."""
+    x = _random_pose(x, generator)
+    x = _random_levels(x, generator)
+    x = _draw_wires(x, generator)
+    x = _random_sharpen(x, generator)
+    return _random_crops(x, generator, crop)
+
+
+def _uniform(generator: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
+    """n draws from U(low, high)."""
+    return low + (high - low) * torch.rand(n, generator=generator)
+
+
+def _random_pose(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Small rotation, zoom and shift, with black outside the film when zoomed out."""
+    b = x.shape[0]
+    angle = _uniform(generator, b, -0.1, 0.1)
+    scale = _uniform(generator, b, 0.65, 1.15)
+    shift = _uniform(generator, 2 * b, -0.1, 0.1).view(b, 2)
+    cos, sin = scale * torch.cos(angle), scale * torch.sin(angle)
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    moved = F.grid_sample(x + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return moved - 1.0
+
+
+def _random_levels(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random window and gamma, so that the whole grey range occurs (phantoms span 14..252)."""
+    b = x.shape[0]
+    low = _uniform(generator, b, -1.0, -0.6).view(-1, 1, 1, 1)
+    high = _uniform(generator, b, 0.6, 1.0).view(-1, 1, 1, 1)
+    gamma = torch.exp(0.25 * torch.randn(b, generator=generator)).view(-1, 1, 1, 1)
+    unit = ((x - low) / (high - low)).clamp(0.0, 1.0) ** gamma
+    return unit * 2.0 - 1.0
+
+
+def _draw_wires(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Up to three thin bright curves per image, like ECG leads and lines on real films."""
+    x = x.clone()
+    size = x.shape[-1]
+    t = torch.linspace(-1.0, 1.0, size)
+    for i in range(x.shape[0]):
+        for _ in range(int(torch.randint(0, 4, (1,), generator=generator))):
+            p = torch.rand(6, generator=generator)
+            centre = (
+                (2 * p[0] - 1) + (p[1] - 0.5) * t + 0.3 * p[2] * torch.sin(6 * p[3] * t + 6 * p[4])
+            )
+            distance_px = (t[:, None] - centre[None, :]).abs() * size / 2
+            wire = (1.0 - distance_px / 0.8).clamp(0.0, 1.0)
+            if torch.rand(1, generator=generator) < 0.5:
+                wire = wire.T
+            level = 0.7 + 0.3 * p[5]
+            x[i, 0] = torch.maximum(x[i, 0], wire * (level + 1.0) - 1.0)
+    return x
+
+
+def _random_sharpen(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Unsharp masking of random strength, as in the processing of real radiographs."""
+    taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
+    kernel = (taps[:, None] * taps[None, :] / 256.0)[None, None]
+    blurred = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), kernel)
+    amount = _uniform(generator, x.shape[0], 0.0, 2.0).view(-1, 1, 1, 1)
+    return (x + amount * (x - blurred)).clamp(-1.0, 1.0)
+
+
+def _random_crops(x: torch.Tensor, generator: torch.Generator, crop: int) -> torch.Tensor:
+    """A random crop x crop window of each image."""
+    size = x.shape[-1]
+    if crop >= size:
+        return x
+    corners = torch.randint(0, size - crop + 1, (x.shape[0], 2), generator=generator).tolist()
+    return torch.stack([im[:, t : t + crop, s : s + crop] for im, (t, s) in zip(x, corners)])
+
+
+@torch.no_grad()
+def latent_std(vae: AutoencoderKL, images: np.ndarray, generator: torch.Generator) -> float:
+    """Standard deviation of sampled latents of the images (uint8 (n, h, w))."""
+    latents = [
+        vae.encode(_to_tensor(chunk)).latent_dist.sample(generator=generator)
+        for chunk in np.array_split(images, math.ceil(len(images) / 32))
+    ]
+    return float(torch.cat(latents).std())
+
+
+@torch.no_grad()
+def vae_psnr(vae: AutoencoderKL, images: Sequence[Image.Image], resolution: int) -> float:
+    """Mean PSNR (dB, on 0..255) of 8-bit grayscale images after encode (mode) and decode."""
+    arrays = np.stack(
+        [
+            np.asarray(im.convert("L").resize((resolution, resolution), Image.Resampling.LANCZOS))
+            for im in images
+        ]
+    )
+    was_training = vae.training
+    vae.eval()
+    scores = []
+    for chunk in np.array_split(arrays, math.ceil(len(arrays) / 32)):
+        decoded = vae.decode(vae.encode(_to_tensor(chunk)).latent_dist.mode()).sample
+        # quantised like a pipeline's output image, grayscale as the mean of the channels
+        pixels = ((decoded.mean(1) + 1.0) * 127.5).clamp(0, 255).round().double()
+        error = (pixels - torch.from_numpy(chunk).double()).pow(2).mean((1, 2))
+        scores.append(10.0 * torch.log10(255.0**2 / error.clamp_min(1e-10)))
+    vae.train(was_training)
+    return float(torch.cat(scores).mean())
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (n, h, w) as float (n, 3, h, w) in [-1, 1]."""
+    return torch.from_numpy(images).float().div(127.5).sub(1.0)[:, None].expand(-1, 3, -1, -1)
+
+
+def _count(module: torch.nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Move source to target, replacing target; target is never half-written."""
+    if not target.exists():
+        source.rename(target)
+        return
+    trash = target.with_name(f".{target.name}.old-{os.getpid()}")
+    target.rename(trash)
+    source.rename(target)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Build the tiny model from the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="folder to write the pipeline to")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    out = build_tiny_pipeline(args.out, TinyModelConfig(seed=args.seed), overwrite=args.overwrite)
+    info = json.loads((out / INFO_FILE).read_text())
+    print(f"wrote {out}: phantom PSNR {info['vae_psnr_phantom_held_out_db']:.2f} dB")
+
+
+if __name__ == "__main__":
+    main()
