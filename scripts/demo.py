@@ -5,7 +5,8 @@ Stages so far:
    and contact sheets of duplicated and ordinary training rows;
 2. model: the tiny Stable Diffusion base model, built offline;
 3. fine-tune: the tiny model on the phantom data, with classifier-free guidance
-   (conditioning dropout 0.1) and without (0.0), everything else equal;
+   (conditioning dropout 0.1) and without (0.0), everything else equal, as two parallel
+   `python -m train` processes (logs in each run's train.log);
 4. copies: generations for duplicated training prompts and for held-out prompts, each
    matched to its nearest training image (pixel NCC), with a summary and image grids.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ from PIL import Image
 from detect.similarity import ncc_features, nearest
 from hf_datasets.cliutils import add_config_flag
 from hf_datasets.duplicates import inject_duplicates
+from hf_datasets.errors import ChexmemError
 from hf_datasets.phantom import PhantomConfig, generate_phantom
 from hf_datasets.show import contact_sheet, show
 from hf_datasets.storage import load_dataset_dir, save_dataset
@@ -101,37 +105,65 @@ def run_model_stage(config: DemoConfig) -> Path:
     return path
 
 
-def run_train_stage(config: DemoConfig, base: Path, data: Path, dropout: float, name: str) -> Path:
-    """One full fine-tune of the tiny model; returns its pipeline folder."""
-    from train.config import TrainConfig
-    from train.trainer import train
+def train_flags(config: DemoConfig, base: Path, data: Path, dropout: float, out: Path) -> list[str]:
+    """`chexmem train` flags of one demo fine-tune (full, UNet + the untrained text encoder)."""
+    return [
+        "--pretrained_model_name_or_path", str(base),
+        "--train_data_dir", str(data),
+        "--output_dir", str(out),
+        "--overwrite_output_dir",
+        "--conditioning_dropout_prob", str(dropout),
+        "--train_text_encoder",  # the tiny model's text encoder starts untrained
+        "--max_train_steps", str(config.max_train_steps),
+        "--train_batch_size", str(config.train_batch_size),
+        "--learning_rate", str(config.learning_rate),
+        "--lr_scheduler", "constant_with_warmup",
+        "--lr_warmup_steps", "50",
+        "--checkpointing_steps", str(max(500, config.max_train_steps // 2)),
+        "--checkpoints_total_limit", "1",
+        "--logging_steps", "25",
+        "--seed", str(config.seed),
+        "--report_to", "jsonl",
+    ]  # fmt: skip
 
-    out = Path(config.output_dir) / name
-    result = train(
-        TrainConfig(
-            pretrained_model_name_or_path=str(base),
-            train_data_dir=str(data),
-            output_dir=str(out),
-            overwrite_output_dir=True,
-            conditioning_dropout_prob=dropout,
-            train_text_encoder=True,  # the tiny model's text encoder starts untrained
-            max_train_steps=config.max_train_steps,
-            train_batch_size=config.train_batch_size,
-            learning_rate=config.learning_rate,
-            lr_warmup_steps=50,
-            lr_scheduler="constant_with_warmup",
-            checkpointing_steps=max(500, config.max_train_steps // 2),
-            checkpoints_total_limit=1,
-            logging_steps=25,
-            seed=config.seed,
-            report_to="jsonl",
+
+def run_train_stage(
+    config: DemoConfig, base: Path, data: Path, variants: dict[str, float]
+) -> dict[str, Path]:
+    """The fine-tunes (name -> conditioning dropout) as parallel `python -m train` processes.
+
+    One process per variant, one thread each: on a 2-core machine both run at once.
+    """
+    out = Path(config.output_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    running = {}
+    for name, dropout in variants.items():
+        (out / name).mkdir(parents=True, exist_ok=True)
+        log = (out / name / "train.log").open("w")
+        command = [
+            sys.executable,
+            "-m",
+            "train",
+            *train_flags(config, base, data, dropout, out / name),
+        ]
+        running[name] = (
+            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env),
+            log,
         )
-    )
-    print(
-        f"{name}: {result.global_step} steps in {result.seconds:.0f} s, "
-        f"final loss {result.final_loss:.4f}"
-    )
-    return out
+    for name, (process, log) in running.items():
+        code = process.wait()
+        log.close()
+        if code != 0:
+            tail = (out / name / "train.log").read_text()[-2000:]
+            raise ChexmemError(
+                f"fine-tune {name} failed (exit {code}); see {out / name / 'train.log'}:\n{tail}"
+            )
+        run = json.loads((out / name / "chexmem_train.json").read_text())
+        loss = run["final_loss"]
+        print(
+            f"{name}: {run['global_step']} steps in {run['seconds']:.0f} s, final loss {loss:.4f}"
+        )
+    return {name: out / name for name in variants}
 
 
 def generate(
@@ -231,10 +263,10 @@ def run_demo(config: DemoConfig) -> None:
         print(
             f"== fine-tune: {config.max_train_steps} steps with CFG (dropout 0.1) and without (0.0)"
         )
-        with_cfg = run_train_stage(config, base, data, 0.1, "finetune-cfg")
-        without_cfg = run_train_stage(config, base, data, 0.0, "finetune-nocfg")
+        models = run_train_stage(config, base, data, {"finetune-cfg": 0.1, "finetune-nocfg": 0.0})
         print("== copies: generations vs nearest training image")
-        run_copy_stage(config, data, {"cfg": (with_cfg, 7.5), "nocfg": (without_cfg, 1.0)})
+        guided = {"cfg": (models["finetune-cfg"], 7.5), "nocfg": (models["finetune-nocfg"], 1.0)}
+        run_copy_stage(config, data, guided)
     (Path(config.output_dir) / "demo_config.json").write_text(json.dumps(asdict(config), indent=1))
     print(
         f"== demo finished in {time.perf_counter() - start:.1f} s; outputs in {config.output_dir}/"
