@@ -52,7 +52,7 @@ class DemoConfig:
     held_out_prompts: int = 10
     generations_per_prompt: int = 2
     inference_steps: int = 25
-    vae_train_steps: int = 600
+    vae_train_steps: int = 300
     seed: int = 0
     overwrite: bool = False
     skip_training: bool = False

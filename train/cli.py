@@ -59,7 +59,7 @@ def add_model_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output pipeline folder")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae_train_steps", type=int, default=600)
+    p.add_argument("--vae_train_steps", type=int, help="(default: TinyModelConfig's)")
     p.add_argument("--overwrite", action="store_true")
     add_config_flag(p)
     p.set_defaults(func=cmd_model_tiny, _parser=p)

@@ -61,19 +61,13 @@ def _template_texts(templates: PromptTemplates) -> list[str]:
 
 
 def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1000) -> CLIPTokenizer:
-    """A CLIPTokenizer of exactly `vocab_size` tokens whose BPE is trained on the corpus."""
-    if vocab_size < _MIN_VOCAB + 1:
+    """A CLIPTokenizer of at most `vocab_size` tokens whose BPE is trained on the corpus."""
+    if vocab_size <= _MIN_VOCAB:
         raise ValueError(f"vocab_size must be more than {_MIN_VOCAB}, got {vocab_size}")
-    texts = list(corpus)
-    target = vocab_size
-    # the byte symbols added after training take room from merges: retrain with less room
-    for _ in range(8):
-        vocab, merges = _train_bpe(texts, target)
-        vocab = _with_byte_symbols(vocab)
-        if len(vocab) <= vocab_size:
-            break
-        target -= len(vocab) - vocab_size
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+    vocab, merges = _train_bpe(list(corpus), vocab_size)
+    return CLIPTokenizer(
+        vocab=_with_byte_symbols(vocab), merges=merges, model_max_length=MAX_LENGTH
+    )
 
 
 def _train_bpe(texts: list[str], vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -90,7 +84,10 @@ def _train_bpe(texts: list[str], vocab_size: int) -> tuple[dict[str, int], list[
     )
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[BOS, EOS],
+        # The trainer numbers end-of-word symbols in hash-map order as it meets them, and
+        # breaks ties between merges by those numbers (huggingface/tokenizers#1794): listing
+        # them up front fixes their ids and makes training deterministic.
+        special_tokens=[BOS, EOS, *(symbol + SUFFIX for symbol in _BYTE_ALPHABET)],
         initial_alphabet=list(_BYTE_ALPHABET),
         end_of_word_suffix=SUFFIX,
         show_progress=False,
@@ -102,7 +99,7 @@ def _train_bpe(texts: list[str], vocab_size: int) -> tuple[dict[str, int], list[
 
 
 def _with_byte_symbols(vocab: dict[str, int]) -> dict[str, int]:
-    """The vocabulary plus any missing byte symbol and its end-of-word form, at the end."""
+    """The vocabulary plus any missing byte symbol or its end-of-word form (none, normally)."""
     vocab = dict(vocab)
     for symbol in _BYTE_ALPHABET:
         for token in (symbol, symbol + SUFFIX):

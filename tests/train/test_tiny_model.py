@@ -19,7 +19,7 @@ from train.tiny_model import INFO_FILE, TinyModelConfig, build_tiny_pipeline, va
 from train.tokenizer import build_tokenizer, prompt_corpus
 
 OPEN_CXR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "open-cxr"
-QUICK = {"vae_train_steps": 3, "vae_num_phantoms": 8}  # a fast build, for what quality not needs
+QUICK = {"vae_train_steps": 3, "vae_num_phantoms": 8}  # fast builds, where quality is not tested
 
 
 @pytest.fixture(scope="session")
