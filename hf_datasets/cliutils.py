@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,3 +59,19 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(name)s: %(message)s")
     for package in ("hf_datasets", "detect", "mitigate", "train", "scripts"):
         logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def run_command(
+    top: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str] | None
+) -> int:
+    """Run a parsed subcommand; user errors end in one line on stderr and exit code 2."""
+    try:
+        args = apply_config_file(top, args, argv)
+        args.func(args)
+    except ChexmemError as error:
+        print(f"chexmem: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("chexmem: interrupted", file=sys.stderr)
+        return 130
+    return 0

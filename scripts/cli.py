@@ -7,8 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from hf_datasets.cli import add_data_commands
-from hf_datasets.cliutils import apply_config_file, setup_logging
-from hf_datasets.errors import ChexmemError
+from hf_datasets.cliutils import run_command, setup_logging
 from scripts.demo import add_demo_command
 from train.cli import add_model_command, add_train_command
 
@@ -36,16 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    try:
-        args = apply_config_file(parser, args, argv)
-        args.func(args)
-    except ChexmemError as error:
-        print(f"chexmem: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("chexmem: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(parser, args, argv)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from hf_datasets.cliutils import add_config_flag, apply_config_file, setup_logging
-from hf_datasets.errors import ChexmemError
+from hf_datasets.cliutils import add_config_flag, run_command, setup_logging
 from train.config import add_train_flags, config_from_args
 
 
@@ -86,10 +85,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = ["train", *(sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        args = apply_config_file(parser, args, argv)
-        args.func(args)
-    except ChexmemError as error:
-        print(f"chexmem: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(parser, args, argv)

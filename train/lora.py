@@ -21,27 +21,20 @@ def add_lora(unet: torch.nn.Module, text_encoder: CLIPTextModel, config: TrainCo
     """Freeze everything and attach trainable LoRA adapters (named 'default')."""
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    alpha = config.lora_alpha or config.rank
-    try:
-        unet.add_adapter(
-            LoraConfig(
-                r=config.rank,
-                lora_alpha=alpha,
-                lora_dropout=config.lora_dropout,
-                init_lora_weights="gaussian",
-                target_modules=config.lora_target_modules,
-            )
+
+    def lora_config(targets: list[str]) -> LoraConfig:
+        return LoraConfig(
+            r=config.rank,
+            lora_alpha=config.lora_alpha or config.rank,
+            lora_dropout=config.lora_dropout,
+            init_lora_weights="gaussian",
+            target_modules=targets,
         )
+
+    try:
+        unet.add_adapter(lora_config(config.lora_target_modules))
         if config.train_text_encoder:
-            text_encoder.add_adapter(
-                LoraConfig(
-                    r=config.rank,
-                    lora_alpha=alpha,
-                    lora_dropout=config.lora_dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=config.text_encoder_lora_target_modules,
-                )
-            )
+            text_encoder.add_adapter(lora_config(config.text_encoder_lora_target_modules))
     except ValueError as error:
         raise ChexmemError(
             f"LoRA target modules do not match the model: {error}".splitlines()[0]
