@@ -180,9 +180,7 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def register_checkpoint_hooks(
-    accelerator: Accelerator, modules: list[torch.nn.Module], ema: EMAModel | None
-) -> None:
+def register_checkpoint_hooks(accelerator: Accelerator, ema: EMAModel | None) -> None:
     """Checkpoints hold only trained parameters (+EMA), as safetensors, instead of whole models."""
 
     def save_hook(models: list[torch.nn.Module], weights: list[Any], output_dir: str) -> None:
@@ -223,7 +221,6 @@ def register_checkpoint_hooks(
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-    del modules
 
 
 def training_step(
@@ -473,7 +470,7 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
         parts.text_encoder = trained_modules[1]
     if ema is not None:
         ema.to(accelerator.device)
-    register_checkpoint_hooks(accelerator, trained_modules, ema)
+    register_checkpoint_hooks(accelerator, ema)
     if accelerator.is_main_process:
         accelerator.init_trackers(
             "chexmem", config={k: str(v) for k, v in config.to_dict().items()}

@@ -198,8 +198,6 @@ def test_gradient_clipping_really_clips(base_args: dict, tmp_path: Path) -> None
     config = cfg(base_args)
     parts = load_components(config.pretrained_model_name_or_path)
     trainable = setup_trainable(parts, config)
-    optimizer = torch.optim.AdamW(trainable.groups, lr=1e-3)
-    del optimizer
     latents = torch.randn(2, 4, 16, 16)
     states = parts.text_encoder(torch.zeros(2, 77, dtype=torch.long))[0]
     loss = parts.unet(latents, torch.tensor([10, 500]), states).sample.pow(2).mean() * 1e4
