@@ -11,7 +11,7 @@ from datasets import DatasetDict
 
 from hf_datasets.chexpert import CheXpertConfig, load_chexpert
 from hf_datasets.cliutils import add_config_flag, read_yaml
-from hf_datasets.duplicates import inject_duplicates
+from hf_datasets.duplicates import duplicated_rows, inject_duplicates
 from hf_datasets.errors import ChexmemError
 from hf_datasets.folder import FolderConfig, load_image_folder
 from hf_datasets.labels import UncertaintyPolicy
@@ -185,13 +185,7 @@ def cmd_show(args: argparse.Namespace) -> None:
         )
     part = dataset[args.split]
     if args.duplicated_only:
-        part = part.filter(lambda copies: copies > 1, input_columns="copies")
-        seen, keep = set(), []
-        for i, path in enumerate(part["source_path"]):
-            if path not in seen:
-                seen.add(path)
-                keep.append(i)
-        part = part.select(keep)
+        part = part.select(duplicated_rows(part))
     out = show(part, args.out, num=args.num, columns=args.columns, tile=args.tile, start=args.start)
     print(f"wrote {out} ({min(args.num, max(0, len(part) - args.start))} images of {args.split})")
 

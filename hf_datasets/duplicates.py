@@ -63,3 +63,14 @@ def inject_duplicates(
     )
     train.info.description = (dataset["train"].info.description or "") + note
     return DatasetDict({**dataset, "train": train})
+
+
+def duplicated_rows(split: Dataset) -> list[int]:
+    """Index of the first row of each image that appears more than once (`copies` > 1)."""
+    seen: set[str] = set()
+    first = []
+    for index, (path, copies) in enumerate(zip(split["source_path"], split["copies"], strict=True)):
+        if copies > 1 and path not in seen:
+            seen.add(path)
+            first.append(index)
+    return first

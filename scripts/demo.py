@@ -28,7 +28,7 @@ from PIL import Image
 
 from detect.similarity import ncc_features, nearest
 from hf_datasets.cliutils import add_config_flag
-from hf_datasets.duplicates import inject_duplicates
+from hf_datasets.duplicates import duplicated_rows, inject_duplicates
 from hf_datasets.errors import ChexmemError
 from hf_datasets.phantom import PhantomConfig, generate_phantom
 from hf_datasets.show import contact_sheet, show
@@ -75,11 +75,8 @@ def run_data_stage(config: DemoConfig) -> Path:
     path = save_dataset(dataset, out / "data", overwrite=config.overwrite)
     print(summarize(dataset))
     train = dataset["train"]
-    duplicated = train.filter(lambda c: c > 1, input_columns="copies")
-    first_copies = (
-        duplicated.select(range(config.duplicated_rows)) if config.duplicated_rows else duplicated
-    )
-    show(first_copies, out / "duplicated_rows.png", num=config.duplicated_rows, columns=4)
+    duplicated = train.select(duplicated_rows(train))
+    show(duplicated, out / "duplicated_rows.png", num=len(duplicated), columns=4)
     show(train, out / "train_rows.png", num=16, columns=4)
     print(
         f"dataset: {path}\ncontact sheets: {out / 'duplicated_rows.png'}, {out / 'train_rows.png'}"
@@ -194,12 +191,8 @@ def run_copy_stage(config: DemoConfig, data: Path, models: dict[str, tuple[Path,
     train = dataset["train"]
     train_images = list(train["image"])
     bank = ncc_features(train_images)
-    rows = train.remove_columns("image")
-    seen, duplicated = set(), []
-    for row in rows:
-        if row["copies"] > 1 and row["source_path"] not in seen:
-            seen.add(row["source_path"])
-            duplicated.append(row["prompt"])
+    prompts = train["prompt"]
+    duplicated = [prompts[i] for i in duplicated_rows(train)]
     held_out = list(dataset["test"]["prompt"])[: config.held_out_prompts]
     groups = {"duplicated": duplicated, "held_out": held_out}
     summary: dict = {"similarity": "pixel NCC at 64 px to the nearest training image", "models": {}}

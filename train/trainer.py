@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -372,8 +373,6 @@ def run_validation(
         sheet.save(folder / f"step-{step}.png")
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
-                import numpy as np
-
                 tracker.writer.add_images(
                     "validation",
                     np.stack([np.asarray(i) for i in images]),

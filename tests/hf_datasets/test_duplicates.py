@@ -59,3 +59,14 @@ def test_bad_requests(small_dataset) -> None:
     twice = inject_duplicates(small_dataset, num_rows=2, copies=2)
     with pytest.raises(ChexmemError, match="already holds injected duplicates"):
         inject_duplicates(twice, num_rows=2, copies=2)
+
+
+def test_duplicated_rows_lists_each_repeated_image_once(small_dataset) -> None:
+    from hf_datasets.duplicates import duplicated_rows
+
+    train = inject_duplicates(small_dataset, num_rows=3, copies=4, seed=1)["train"]
+    first = duplicated_rows(train)
+    paths = [train["source_path"][i] for i in first]
+    assert len(first) == 3 and len(set(paths)) == 3
+    assert all(train["copies"][i] == 4 for i in first)
+    assert duplicated_rows(small_dataset["train"]) == []
