@@ -38,9 +38,10 @@ def cmd_model_tiny(args: argparse.Namespace) -> None:
 
     from train.tiny_model import TinyModelConfig, build_tiny_pipeline
 
-    config = TinyModelConfig(
-        resolution=args.resolution, seed=args.seed, vae_train_steps=args.vae_train_steps
-    )
+    given = {"resolution": args.resolution, "seed": args.seed}
+    if args.vae_train_steps is not None:
+        given["vae_train_steps"] = args.vae_train_steps
+    config = TinyModelConfig(**given)
     out = build_tiny_pipeline(args.out, config, overwrite=args.overwrite)
     info = json.loads((out / "chexmem_tiny.json").read_text())
     psnr = {k: v for k, v in info.items() if "psnr" in k}

@@ -45,6 +45,7 @@ class TrainConfig:
     resolution: int | None = None
     center_crop: bool = False
     random_flip: bool = False
+    cache_latents: bool = False  # encode each image once before training (centre crop, no flip)
     # what is trained
     mode: str = "full"
     train_text_encoder: bool = False
@@ -123,6 +124,11 @@ class TrainConfig:
             raise ChexmemError("--trainable_params / --trainable_mask need --mode subset")
         if not 0.0 <= self.conditioning_dropout_prob < 1.0:
             raise ChexmemError("--conditioning_dropout_prob must be in [0, 1)")
+        if self.cache_latents and self.random_flip:
+            raise ChexmemError(
+                "--cache_latents encodes each image once, so it cannot be combined with "
+                "--random_flip; drop one of them"
+            )
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ChexmemError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):

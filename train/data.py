@@ -76,28 +76,82 @@ def image_to_tensor(
 
 
 class TrainTransform:
-    """Batch transform for `Dataset.with_transform` (a class: DataLoader workers pickle it)."""
+    """Batch transform for `Dataset.with_transform` (a class: DataLoader workers pickle it).
 
-    def __init__(self, tokenizer: CLIPTokenizer, config: TrainConfig, resolution: int) -> None:
+    With ``pixels=False`` images are not decoded (their latents come from a `LatentCache`).
+    """
+
+    def __init__(
+        self, tokenizer: CLIPTokenizer, config: TrainConfig, resolution: int, pixels: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
         self.resolution = resolution
         self.center_crop = config.center_crop
         self.random_flip = config.random_flip
         self.image_column = config.image_column
         self.caption_column = config.caption_column
+        self.pixels = pixels
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, Any]:
         """Pixel values, token ids, and the row's index-independent id for logging."""
-        pixels = [
-            image_to_tensor(img, self.resolution, self.center_crop, self.random_flip)
-            for img in batch[self.image_column]
-        ]
         captions = [
             c if isinstance(c, str) else random.choice(c) for c in batch[self.caption_column]
         ]
         ids = tokenize(self.tokenizer, captions)
         sample_ids = batch.get("source_path") or captions
-        return {"pixel_values": pixels, "input_ids": list(ids), "sample_id": list(sample_ids)}
+        out: dict[str, Any] = {"input_ids": list(ids), "sample_id": list(sample_ids)}
+        if self.pixels:
+            out["pixel_values"] = [
+                image_to_tensor(img, self.resolution, self.center_crop, self.random_flip)
+                for img in batch[self.image_column]
+            ]
+        return out
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """Training rows whose images were encoded once (``--cache_latents``).
+
+    Each row carries the VAE posterior's parameters (mean and log-variance, as
+    `DiagonalGaussianDistribution` takes them) instead of pixels; the training step draws a
+    fresh latent from them, exactly as encoding the image again would.
+    """
+
+    def __init__(self, rows: Dataset, moments: torch.Tensor) -> None:
+        self.rows = rows
+        self.moments = moments
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.rows[index], "latent_moments": self.moments[index]}
+
+
+@torch.no_grad()
+def cache_latents(
+    dataset: Dataset,
+    tokenizer: CLIPTokenizer,
+    config: TrainConfig,
+    resolution: int,
+    vae: torch.nn.Module,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> LatentCache:
+    """Encode every training image once (centre crop, no flip) into a `LatentCache` on CPU."""
+    from tqdm.auto import tqdm
+
+    encode = dataset.select_columns([config.image_column])
+    device, dtype = vae.device, vae.dtype
+    moments = []
+    for start in tqdm(
+        range(0, len(dataset), batch_size), desc="caching latents", disable=not progress
+    ):
+        images = encode[start : start + batch_size][config.image_column]
+        pixels = torch.stack([image_to_tensor(im, resolution, True, False) for im in images])
+        posterior = vae.encode(pixels.to(device, dtype)).latent_dist
+        moments.append(posterior.parameters.float().cpu())
+    rows = dataset.with_transform(TrainTransform(tokenizer, config, resolution, pixels=False))
+    return LatentCache(rows, torch.cat(moments))
 
 
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
@@ -112,9 +166,10 @@ def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack one batch."""
+    """Stack one batch (pixels, or cached latent moments)."""
+    images = "latent_moments" if "latent_moments" in examples[0] else "pixel_values"
     return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
+        images: torch.stack([e[images] for e in examples]).contiguous(),
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
         "sample_id": [e["sample_id"] for e in examples],
     }

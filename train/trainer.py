@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
 from safetensors.torch import load_file, save_file
@@ -34,7 +35,14 @@ from hf_datasets.errors import ChexmemError
 from hf_datasets.show import contact_sheet
 from train.checkpoint import list_checkpoints, read_state, resolve_resume, save_checkpoint
 from train.config import TrainConfig
-from train.data import TrainTransform, check_resolution, collate, load_train_dataset, tokenize
+from train.data import (
+    TrainTransform,
+    cache_latents,
+    check_resolution,
+    collate,
+    load_train_dataset,
+    tokenize,
+)
 from train.lora import add_lora, save_lora
 from train.models import Components, load_components
 from train.subset import Subset, apply_subset, param_groups, save_subset, select_subset
@@ -236,9 +244,12 @@ def training_step(
     global_step: int,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The diffusion loss of one micro-batch (and what to log about it)."""
-    pixels = batch["pixel_values"].to(dtype=weight_dtype)
     with torch.no_grad():
-        latents = parts.vae.encode(pixels).latent_dist.sample() * parts.vae.config.scaling_factor
+        if "latent_moments" in batch:  # --cache_latents: the posterior was computed once
+            posterior = DiagonalGaussianDistribution(batch["latent_moments"].to(weight_dtype))
+        else:
+            posterior = parts.vae.encode(batch["pixel_values"].to(dtype=weight_dtype)).latent_dist
+        latents = posterior.sample() * parts.vae.config.scaling_factor
     noise = torch.randn_like(latents)
     if config.noise_offset:
         noise += config.noise_offset * torch.randn(
@@ -431,7 +442,17 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
     trained_params = sum(p.numel() for p in trainable.params)
 
     dataset = load_train_dataset(config)
-    dataset = dataset.with_transform(TrainTransform(parts.tokenizer, config, resolution))
+    if config.cache_latents:
+        dataset = cache_latents(
+            dataset,
+            parts.tokenizer,
+            config,
+            resolution,
+            parts.vae,
+            progress=accelerator.is_local_main_process,
+        )
+    else:
+        dataset = dataset.with_transform(TrainTransform(parts.tokenizer, config, resolution))
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.train_batch_size,

@@ -287,3 +287,45 @@ def test_existing_run_is_not_overwritten_silently(base_args: dict) -> None:
     with pytest.raises(ChexmemError, match="already holds a training run"):
         train(cfg(base_args))
     assert train(cfg(base_args, overwrite_output_dir=True)).global_step == 6
+
+
+def test_cached_latents_train_the_same_model_as_encoding_every_step(
+    base_args: dict, tmp_path: Path
+) -> None:
+    """--cache_latents draws the same latents from the same posterior: the same run.
+
+    Only float rounding differs (images are encoded in other batches), so losses agree to
+    1e-5 and weights to less than one Adam step (lr) per element.
+    """
+    encoded = train(cfg(base_args, output_dir=str(tmp_path / "encoded"), center_crop=True))
+    cached = train(cfg(base_args, output_dir=str(tmp_path / "cached"), cache_latents=True))
+    losses = [
+        torch.tensor([m["loss"] for m in read_metrics(r.output_dir / "logs")])
+        for r in (encoded, cached)
+    ]
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+    a, b = _unet_weights(encoded.output_dir), _unet_weights(cached.output_dir)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < base_args["learning_rate"]
+    with pytest.raises(ChexmemError, match="cannot be combined with --random_flip"):
+        cfg(base_args, cache_latents=True, random_flip=True)
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+@pytest.mark.skipif(_importable("bitsandbytes"), reason="bitsandbytes is installed here")
+def test_8bit_adam_without_bitsandbytes_says_what_to_install(base_args: dict) -> None:
+    with pytest.raises(ChexmemError, match=r"--use_8bit_adam needs bitsandbytes: pip install"):
+        train(cfg(base_args, use_8bit_adam=True))
+
+
+@pytest.mark.skipif(
+    _importable("xformers") and torch.cuda.is_available(), reason="xformers can run here"
+)
+def test_xformers_where_it_cannot_run_is_one_clear_error(base_args: dict) -> None:
+    with pytest.raises(ChexmemError, match="xformers is not usable here") as error:
+        train(cfg(base_args, enable_xformers_memory_efficient_attention=True))
+    assert "\n" not in str(error.value)
