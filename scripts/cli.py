@@ -1,4 +1,4 @@
-"""The `chexmem` command: `chexmem demo`, `chexmem data ...` (more with every stage)."""
+"""The `chexmem` command: demo, data, model, train, detect, tokens (more with every stage)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from detect.cli import add_detect_commands
 from hf_datasets.cli import add_data_commands
 from hf_datasets.cliutils import run_command, setup_logging
 from scripts.demo import add_demo_command
@@ -21,12 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(
-        dest="command", required=True, metavar="{demo,data,model,train}"
+        dest="command", required=True, metavar="{demo,data,model,train,detect,tokens}"
     )
     add_demo_command(subparsers)
     add_data_commands(subparsers)
     add_model_command(subparsers)
     add_train_command(subparsers)
+    add_detect_commands(subparsers)
     return parser
 
 

@@ -7,8 +7,11 @@ Stages so far:
 3. fine-tune: the tiny model on the phantom data, with classifier-free guidance
    (conditioning dropout 0.1) and without (0.0), everything else equal, as two parallel
    `python -m train` processes (logs in each run's train.log);
-4. copies: generations for duplicated training prompts and for held-out prompts, each
-   matched to its nearest training image (pixel NCC), with a summary and image grids.
+4. detect: both models' noise magnitudes (Wen et al.) for duplicated, ordinary training
+   and held-out prompts, as two parallel `python -m detect` runs that also save the
+   generations; each generation matched to its nearest training image (pixel NCC); AUC and
+   TPR@1%FPR of duplicated prompts against the other groups, the rank correlation of score
+   and copy similarity, a scatter plot, ROC curves and a grid of top / bottom prompts.
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
+from detect.evaluate import correlation, detection, roc_curve
+from detect.plots import roc_plot, scatter_plot
 from detect.similarity import ncc_features, nearest
 from hf_datasets.cliutils import add_config_flag
 from hf_datasets.duplicates import duplicated_rows, inject_duplicates
@@ -50,8 +56,8 @@ class DemoConfig:
     train_batch_size: int = 8
     learning_rate: float = 2e-3
     lr_scheduler: str = "cosine"  # annealed to 0: sharper copies than a constant rate
-    held_out_prompts: int = 10
-    generations_per_prompt: int = 2
+    ordinary_prompts: int = 30  # non-duplicated training prompts scored by the detector
+    generations_per_prompt: int = 4
     inference_steps: int = 25
     vae_train_steps: int = 300
     seed: int = 0
@@ -137,29 +143,12 @@ def run_train_stage(
     One process per variant, one thread each: on a 2-core machine both run at once.
     """
     out = Path(config.output_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    running = {}
-    for name, dropout in variants.items():
-        (out / name).mkdir(parents=True, exist_ok=True)
-        log = (out / name / "train.log").open("w")
-        command = [
-            sys.executable,
-            "-m",
-            "train",
-            *train_flags(config, base, data, dropout, out / name),
-        ]
-        running[name] = (
-            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env),
-            log,
-        )
-    for name, (process, log) in running.items():
-        code = process.wait()
-        log.close()
-        if code != 0:
-            tail = (out / name / "train.log").read_text()[-2000:]
-            raise ChexmemError(
-                f"fine-tune {name} failed (exit {code}); see {out / name / 'train.log'}:\n{tail}"
-            )
+    commands = {
+        name: ["train", *train_flags(config, base, data, dropout, out / name)]
+        for name, dropout in variants.items()
+    }
+    run_parallel(commands, {name: out / name / "train.log" for name in variants})
+    for name in variants:
         run = json.loads((out / name / "chexmem_train.json").read_text())
         loss = run["final_loss"]
         print(
@@ -168,83 +157,216 @@ def run_train_stage(
     return {name: out / name for name in variants}
 
 
-def generate(
-    model: Path, prompts: list[str], n: int, steps: int, guidance: float, seed: int
-) -> list[list[Image.Image]]:
-    """n images per prompt with fixed seeds (generation j of prompt i uses seed + 1000 i + j)."""
-    from diffusers import StableDiffusionPipeline
+def detection_prompts(data: Path, config: DemoConfig) -> pd.DataFrame:
+    """Prompts to validate the detector on, each with its group and its training row.
 
-    pipe = StableDiffusionPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    images = []
-    for i, prompt in enumerate(prompts):
-        generators = [torch.Generator().manual_seed(seed + 1000 * i + j) for j in range(n)]
-        images.append(
-            pipe(
-                [prompt] * n,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=generators,
-            ).images
-        )
-    return images
-
-
-def run_copy_stage(config: DemoConfig, data: Path, models: dict[str, tuple[Path, float]]) -> dict:
-    """Nearest-training-image similarity of generations for duplicated vs held-out prompts."""
+    Groups: every duplicated training prompt (label 1), a seeded sample of ordinary
+    (non-duplicated) training prompts, and every held-out (validation and test) prompt.
+    """
     dataset = load_dataset_dir(data)
     train = dataset["train"]
+    prompts, copies = train["prompt"], train["copies"]
+    duplicated = duplicated_rows(train)
+    first: dict[str, int] = {}
+    for index, prompt in enumerate(prompts):
+        first.setdefault(prompt, index)
+    ordinary = [i for i in first.values() if copies[i] == 1]
+    rng = np.random.default_rng(config.seed)
+    ordinary = sorted(rng.choice(ordinary, min(config.ordinary_prompts, len(ordinary)), False))
+    rows = [(prompts[i], "duplicated", 1, i) for i in duplicated]
+    rows += [(prompts[i], "ordinary", 0, int(i)) for i in ordinary]
+    for split in ("validation", "test"):
+        rows += [(p, "held_out", 0, -1) for p in dataset[split]["prompt"]]
+    return pd.DataFrame(rows, columns=["prompt", "group", "label", "train_index"])
+
+
+def detect_flags(config: DemoConfig, model: Path, prompts: Path, guidance: float, out: Path):
+    """`python -m detect` flags of one model's detection run (images saved for copy checks)."""
+    return [
+        "--model", str(model),
+        "--prompts", str(prompts),
+        "--num_inference_steps", str(config.inference_steps),
+        "--guidance_scale", str(guidance),
+        "--num_generations", str(config.generations_per_prompt),
+        "--seed", str(config.seed),
+        "--batch_size", "16",
+        "--save_images",
+        "--output_dir", str(out),
+    ]  # fmt: skip
+
+
+def run_parallel(commands: dict[str, list[str]], logs: dict[str, Path]) -> None:
+    """Run `python -m ...` commands side by side (one thread each); fail with the log's tail."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    running = {}
+    for name, command in commands.items():
+        logs[name].parent.mkdir(parents=True, exist_ok=True)
+        log = logs[name].open("w")
+        process = subprocess.Popen(
+            [sys.executable, "-m", *command], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+        running[name] = (process, log)
+    for name, (process, log) in running.items():
+        code = process.wait()
+        log.close()
+        if code != 0:
+            tail = logs[name].read_text()[-2000:]
+            raise ChexmemError(f"{name} failed (exit {code}); see {logs[name]}:\n{tail}")
+
+
+def copy_similarity(
+    run: Path, train_bank: np.ndarray, prompts: pd.DataFrame
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Per-generation nearest training image (pixel NCC) of a detection run's saved images."""
+    images = pd.read_csv(run / "images.csv")
+    pictures = [Image.open(run / name) for name in images["file_name"]]
+    features = ncc_features(pictures)
+    match = nearest(features, train_bank)
+    images["nearest_index"] = match.index
+    images["nearest_similarity"] = match.similarity
+    own = prompts["train_index"].to_numpy()[images["prompt_id"].to_numpy()]
+    images["own_similarity"] = np.where(
+        own >= 0, np.einsum("ij,ij->i", features, train_bank[np.maximum(own, 0)]), np.nan
+    )
+    return images, features
+
+
+def prompt_scores(run: Path, prompts: pd.DataFrame) -> pd.DataFrame:
+    """Prompt scores at step 1 with n = 1 and all n, and over all steps."""
+    table = pd.read_parquet(run / "magnitudes.parquet")
+    first = table[table["step"] == 0]
+    frame = prompts.copy()
+    frame["score_step1_n1"] = (
+        first[first["generation"] == 0].groupby("prompt_id")["magnitude"].mean()
+    )
+    frame["score_step1"] = first.groupby("prompt_id")["magnitude"].mean()
+    frame["score_all_steps"] = table.groupby("prompt_id")["magnitude"].mean()
+    return frame
+
+
+def evaluate_detection(frame: pd.DataFrame) -> dict:
+    """AUC / TPR@1%FPR of the duplicated prompts against each other group, for every score."""
+    out: dict = {}
+    duplicated = frame[frame["group"] == "duplicated"]
+    for against in ("held_out", "ordinary", "all_others"):
+        others = (
+            frame[frame["group"] != "duplicated"]
+            if against == "all_others"
+            else frame[frame["group"] == against]
+        )
+        labels = np.r_[np.ones(len(duplicated)), np.zeros(len(others))]
+        out[f"duplicated_vs_{against}"] = {
+            score: detection(labels, np.r_[duplicated[score], others[score]]).to_dict()
+            for score in ("score_step1_n1", "score_step1", "score_all_steps")
+        }
+    return out
+
+
+def copy_grid(
+    frame: pd.DataFrame, images: pd.DataFrame, run: Path, train_images: list, path: Path
+) -> None:
+    """Generation | nearest training image for the 4 highest and 4 lowest scored prompts."""
+    order = frame.sort_values("score_step1", ascending=False)
+    chosen = [*order.index[:4], *order.index[-4:]]
+    tiles, captions = [], []
+    for rank, prompt_id in enumerate(chosen):
+        row = images[(images["prompt_id"] == prompt_id) & (images["generation"] == 0)].iloc[0]
+        tiles += [Image.open(run / row["file_name"]), train_images[int(row["nearest_index"])]]
+        where = "top" if rank < 4 else "bottom"
+        score = frame.loc[prompt_id, "score_step1"]
+        captions += [
+            f"{where} score {score:.2f} ({frame.loc[prompt_id, 'group']})",
+            f"nearest training image, NCC {row['nearest_similarity']:.2f}",
+        ]
+    contact_sheet(tiles, captions, tile=128, columns=4, caption_lines=2).save(path)
+
+
+def run_detect_stage(config: DemoConfig, data: Path, models: dict[str, tuple[Path, float]]) -> dict:
+    """Noise-magnitude detection validated against copy similarity, for every model."""
+    out = Path(config.output_dir)
+    prompts = detection_prompts(data, config)
+    prompts.to_csv(out / "detect_prompts.csv", index=False)
+    commands = {
+        name: [
+            "detect",
+            *detect_flags(config, model, out / "detect_prompts.csv", g, out / f"detect-{name}"),
+        ]
+        for name, (model, g) in models.items()
+    }
+    run_parallel(commands, {name: out / f"detect-{name}.log" for name in models})
+    train = load_dataset_dir(data)["train"]
     train_images = list(train["image"])
     bank = ncc_features(train_images)
-    prompts = train["prompt"]
-    duplicated = [prompts[i] for i in duplicated_rows(train)]
-    held_out = list(dataset["test"]["prompt"])[: config.held_out_prompts]
-    groups = {"duplicated": duplicated, "held_out": held_out}
-    summary: dict = {"similarity": "pixel NCC at 64 px to the nearest training image", "models": {}}
-    out = Path(config.output_dir)
-    for name, (model, guidance) in models.items():
-        summary["models"][name] = {"guidance_scale": guidance}
-        for group, prompts in groups.items():
-            images = generate(
-                model,
-                prompts,
-                config.generations_per_prompt,
-                config.inference_steps,
-                guidance,
-                config.seed,
-            )
-            flat = [img for per_prompt in images for img in per_prompt]
-            match = nearest(ncc_features(flat), bank)
-            sims = match.similarity.reshape(len(prompts), -1)
-            summary["models"][name][group] = {
-                "prompts": len(prompts),
-                "generations_per_prompt": config.generations_per_prompt,
-                "mean_nearest_similarity": round(float(sims.mean()), 4),
-                "median_prompt_max": round(float(np.median(sims.max(axis=1))), 4),
-                "share_above_0.9": round(float((sims.max(axis=1) > 0.9).mean()), 4),
-            }
-            pairs, captions = [], []
-            for k, img in enumerate(flat[:: config.generations_per_prompt][:8]):
-                idx = int(match.index[k * config.generations_per_prompt])
-                score = match.similarity[k * config.generations_per_prompt]
-                pairs += [img, train_images[idx]]
-                captions += [
-                    f"{name} generation",
-                    f"nearest training image, NCC {score:.2f}",
-                ]
-            contact_sheet(pairs, captions, tile=128, columns=4, caption_lines=2).save(
-                out / f"copies_{name}_{group}.png"
-            )
-    (out / "copies.json").write_text(json.dumps(summary, indent=1))
-    for name, result in summary["models"].items():
-        for group in groups:
-            r = result[group]
-            print(
-                f"{name:>8} {group:>10}: mean nearest NCC {r['mean_nearest_similarity']:.3f}, "
-                f"median per-prompt max {r['median_prompt_max']:.3f}, "
-                f"share > 0.9 {r['share_above_0.9']:.0%}"
-            )
+    summary: dict = {
+        "prompts": prompts["group"].value_counts().to_dict(),
+        "generations_per_prompt": config.generations_per_prompt,
+        "inference_steps": config.inference_steps,
+        "similarity": "pixel NCC at 64 px to the nearest training image",
+        "models": {},
+    }
+    for name, (_, guidance) in models.items():
+        run = out / f"detect-{name}"
+        images, _ = copy_similarity(run, bank, prompts)
+        frame = prompt_scores(run, prompts)
+        per_prompt = images.groupby("prompt_id")
+        frame["copy_similarity"] = per_prompt["nearest_similarity"].mean()
+        frame["max_copy_similarity"] = per_prompt["nearest_similarity"].max()
+        frame.to_csv(out / f"detect_{name}_prompts.csv", index=False)
+        result = {
+            "guidance_scale": guidance,
+            "seconds": json.loads((run / "summary.json").read_text())["seconds"],
+            "detection": evaluate_detection(frame),
+            "copy_similarity_by_group": {
+                group: {
+                    "mean_nearest_similarity": round(float(g["copy_similarity"].mean()), 4),
+                    "share_above_0.9": round(float((g["max_copy_similarity"] > 0.9).mean()), 4),
+                }
+                for group, g in frame.groupby("group")
+            },
+            "score_vs_copy_similarity": {
+                method: correlation(
+                    frame["score_step1"], frame["copy_similarity"], method
+                ).to_dict()
+                for method in ("spearman", "kendall")
+            },
+        }
+        summary["models"][name] = result
+        scatter_plot(
+            frame["score_step1"],
+            frame["copy_similarity"],
+            frame["group"],
+            out / f"detect_{name}_scatter.png",
+            f"{name}: detection score vs copy similarity",
+            "noise magnitude, step 1, n = 4",
+            "mean nearest-training NCC",
+        )
+        others = frame["group"] != "duplicated"
+        curves = {}
+        for score in ("score_step1_n1", "score_step1", "score_all_steps"):
+            curve = roc_curve(1 - others.astype(int), frame[score])
+            curves[score] = (curve.fpr, curve.tpr)
+        roc_plot(curves, out / f"detect_{name}_roc.png", f"{name}: duplicated vs all other prompts")
+        copy_grid(frame, images, run, train_images, out / f"detect_{name}_grid.png")
+        _print_detection(name, result)
+    (out / "detection.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _print_detection(name: str, result: dict) -> None:
+    """The headline figures of one model."""
+    for group, r in result["copy_similarity_by_group"].items():
+        print(
+            f"{name:>6} {group:>10}: mean nearest NCC {r['mean_nearest_similarity']:.3f}, "
+            f"share > 0.9 {r['share_above_0.9']:.0%}"
+        )
+    for against, scores in result["detection"].items():
+        parts = [f"{k.removeprefix('score_')} AUC {v['auc']:.3f}" for k, v in scores.items()]
+        print(f"{name:>6} {against}: {', '.join(parts)}")
+    rho = result["score_vs_copy_similarity"]["spearman"]
+    print(
+        f"{name:>6} Spearman(score, copy similarity) {rho['value']:.3f} "
+        f"[{rho['low']:.3f}, {rho['high']:.3f}]"
+    )
 
 
 def run_demo(config: DemoConfig) -> None:
@@ -262,9 +384,9 @@ def run_demo(config: DemoConfig) -> None:
             f"== fine-tune: {config.max_train_steps} steps with CFG (dropout 0.1) and without (0.0)"
         )
         models = run_train_stage(config, base, data, {"finetune-cfg": 0.1, "finetune-nocfg": 0.0})
-        print("== copies: generations vs nearest training image")
+        print("== detect: noise magnitude vs copy similarity (both models in parallel)")
         guided = {"cfg": (models["finetune-cfg"], 7.5), "nocfg": (models["finetune-nocfg"], 1.0)}
-        run_copy_stage(config, data, guided)
+        run_detect_stage(config, data, guided)
     (Path(config.output_dir) / "demo_config.json").write_text(json.dumps(asdict(config), indent=1))
     print(
         f"== demo finished in {time.perf_counter() - start:.1f} s; outputs in {config.output_dir}/"

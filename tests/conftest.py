@@ -32,3 +32,24 @@ def _isolated_hf_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 def needs(path: Path) -> pytest.MarkDecorator:
     """Skip a test cleanly when shared data is absent."""
     return pytest.mark.skipif(not path.exists(), reason=f"{path} is not present")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD pipeline folder made by chexmem's own builder (few VAE steps, for speed)."""
+    from train.tiny_model import TinyModelConfig, build_tiny_pipeline
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    return build_tiny_pipeline(out, TinyModelConfig(vae_train_steps=10), progress=False)
+
+
+@pytest.fixture(scope="session")
+def phantom_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Phantom data at 64 px (16 patients) with 2 rows repeated 4 times, saved to disk."""
+    from hf_datasets.duplicates import inject_duplicates
+    from hf_datasets.phantom import PhantomConfig, generate_phantom
+    from hf_datasets.storage import save_dataset
+
+    dataset = generate_phantom(PhantomConfig(num_patients=16, resolution=64, seed=0))
+    dataset = inject_duplicates(dataset, num_rows=2, copies=4, seed=0)
+    return save_dataset(dataset, tmp_path_factory.mktemp("data") / "phantom")

@@ -113,14 +113,14 @@ def test_console_script_runs_the_demo(tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "scripts.cli", "demo", "--output_dir", str(tmp_path / "demo"),
         "--num_patients", "12", "--duplicated_rows", "2", "--copies", "4", "--max_train_steps", "4",
-        "--train_batch_size", "4", "--vae_train_steps", "5", "--held_out_prompts", "2",
-        "--generations_per_prompt", "1", "--inference_steps", "2",
+        "--train_batch_size", "4", "--vae_train_steps", "5", "--ordinary_prompts", "3",
+        "--generations_per_prompt", "2", "--inference_steps", "2",
     ]  # fmt: skip
     result = subprocess.run(
         command, capture_output=True, text=True, env=env, timeout=600, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "demo finished" in result.stdout
+    assert "demo finished" in result.stdout and "Spearman" in result.stdout
     demo = tmp_path / "demo"
     assert (demo / "duplicated_rows.png").is_file()
     train = load_dataset_dir(demo / "data")["train"]
@@ -129,11 +129,15 @@ def test_console_script_runs_the_demo(tmp_path: Path) -> None:
         assert (demo / name / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     import json
 
-    copies = json.loads((demo / "copies.json").read_text())
-    assert set(copies["models"]) == {"cfg", "nocfg"}
-    for result_of_model in copies["models"].values():
-        assert (
-            result_of_model["duplicated"]["prompts"] == 2
-            and result_of_model["held_out"]["prompts"] == 2
-        )
-    assert (demo / "copies_cfg_duplicated.png").is_file()
+    summary = json.loads((demo / "detection.json").read_text())
+    assert set(summary["models"]) == {"cfg", "nocfg"}
+    assert summary["prompts"]["duplicated"] == 2 and summary["prompts"]["ordinary"] == 3
+    for name, model in summary["models"].items():
+        detection = model["detection"]["duplicated_vs_held_out"]
+        assert set(detection) == {"score_step1_n1", "score_step1", "score_all_steps"}
+        assert 0 <= detection["score_step1"]["auc"] <= 1
+        assert set(model["copy_similarity_by_group"]) == {"duplicated", "ordinary", "held_out"}
+        for figure in ("scatter", "roc", "grid"):
+            assert (demo / f"detect_{name}_{figure}.png").is_file()
+        prompts = json.loads((demo / f"detect-{name}" / "summary.json").read_text())["prompts"]
+        assert prompts == sum(summary["prompts"].values())

@@ -1,0 +1,148 @@
+"""How good is a detector: ROC AUC, TPR at 1% FPR, ROC points, rank correlations with CIs.
+
+Labels are 1 for memorized (positive) and 0 for not; higher scores mean "more likely
+memorized". TPR@FPR follows the convention of Wen et al.'s evaluation: on the ROC curve
+(thresholds from high to low), the TPR at the last point whose FPR is still below the
+target, i.e. the best TPR any threshold reaches while keeping FPR < target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats
+
+from hf_datasets.errors import ChexmemError
+
+
+@dataclass
+class RocCurve:
+    """ROC points from the highest threshold down (the first point is (0, 0))."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    thresholds: np.ndarray
+
+
+@dataclass
+class Detection:
+    """Detection quality of one score against binary labels."""
+
+    auc: float
+    tpr_at_1pct_fpr: float
+    positives: int
+    negatives: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Plain mapping for JSON."""
+        return asdict(self)
+
+
+@dataclass
+class Correlation:
+    """A rank correlation with its percentile-bootstrap confidence interval."""
+
+    method: str
+    value: float
+    low: float
+    high: float
+    pvalue: float
+    n: int
+    confidence: float
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        """Plain mapping for JSON."""
+        return asdict(self)
+
+
+def _check(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as 0/1 and scores as floats, both classes present."""
+    y = np.asarray(labels).astype(int).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ChexmemError(f"{len(y)} labels but {len(s)} scores")
+    if not set(np.unique(y)) <= {0, 1}:
+        raise ChexmemError("labels must be 0 (not memorized) or 1 (memorized)")
+    if y.min(initial=1) == y.max(initial=0):
+        raise ChexmemError("detection needs both memorized (1) and non-memorized (0) examples")
+    if not np.isfinite(s).all():
+        raise ChexmemError("scores must be finite")
+    return y, s
+
+
+def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """Area under the ROC curve (the Mann-Whitney statistic; ties count one half)."""
+    y, s = _check(labels, scores)
+    ranks = stats.rankdata(s)
+    positives = int(y.sum())
+    negatives = len(y) - positives
+    return float((ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> RocCurve:
+    """FPR and TPR at every distinct threshold, from the highest down."""
+    y, s = _check(labels, scores)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last_of_each = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tp = np.cumsum(y)[last_of_each]
+    fp = (last_of_each + 1) - tp
+    return RocCurve(
+        fpr=np.r_[0.0, fp / (len(y) - y.sum())],
+        tpr=np.r_[0.0, tp / y.sum()],
+        thresholds=np.r_[np.inf, s[last_of_each]],
+    )
+
+
+def tpr_at_fpr(labels: Sequence[int], scores: Sequence[float], target: float = 0.01) -> float:
+    """The best TPR of any threshold whose FPR stays below `target`."""
+    curve = roc_curve(labels, scores)
+    return float(curve.tpr[curve.fpr < target].max())
+
+
+def detection(labels: Sequence[int], scores: Sequence[float]) -> Detection:
+    """AUC and TPR@1%FPR together."""
+    y, _ = _check(labels, scores)
+    return Detection(
+        auc=roc_auc(labels, scores),
+        tpr_at_1pct_fpr=tpr_at_fpr(labels, scores, 0.01),
+        positives=int(y.sum()),
+        negatives=int(len(y) - y.sum()),
+    )
+
+
+def correlation(
+    x: Sequence[float],
+    y: Sequence[float],
+    method: str = "spearman",
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Correlation:
+    """Spearman or Kendall correlation with a percentile bootstrap interval over pairs."""
+    a = np.asarray(x, dtype=np.float64).ravel()
+    b = np.asarray(y, dtype=np.float64).ravel()
+    if a.shape != b.shape or len(a) < 3:
+        raise ChexmemError("correlation needs two sequences of the same length, at least 3")
+    functions = {"spearman": stats.spearmanr, "kendall": stats.kendalltau}
+    if method not in functions:
+        raise ChexmemError(f"method must be one of {', '.join(functions)}, not {method!r}")
+    function = functions[method]
+    result = function(a, b)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(a), size=(n_boot, len(a)))
+    boot = np.array([function(a[d], b[d])[0] for d in draws])
+    boot = boot[np.isfinite(boot)]  # a resample with one distinct value has no correlation
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(boot, [tail, 1.0 - tail]) if len(boot) else (np.nan, np.nan)
+    return Correlation(
+        method=method,
+        value=float(result[0]),
+        low=float(low),
+        high=float(high),
+        pvalue=float(result[1]),
+        n=len(a),
+        confidence=confidence,
+    )

@@ -1,0 +1,237 @@
+"""Text-conditional noise magnitude (Wen et al., ICLR 2024): the memorization detector.
+
+For one generation, step t's score is ``m_t = || eps(x_t, t, e_p) - eps(x_t, t, e_0) ||``:
+the L2 norm, over the whole latent, of the difference between the conditional and the
+unconditional noise predictions, neither scaled by the guidance weight nor normalised. The
+latents ``x_t`` follow the ordinary classifier-free-guided DDIM trajectory (eta 0), whose
+two UNet branches are computed anyway, so the score costs no extra UNet call. A prompt's
+score is the mean over the first ``k`` steps and over its ``n`` generations; memorized
+prompts score high.
+
+`noise_magnitudes` runs many prompts x generations as one batched trajectory and returns a
+tidy table (one row per prompt, generation and step). Generation j of prompt i always
+starts from the seed ``seed + 1000 * i + j`` (``i`` is the prompt's index in the whole
+prompt list), so results do not depend on batching or on how prompts are sharded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from hf_datasets.errors import ChexmemError
+
+SEED_STRIDE = 1000  # seed of generation j of prompt i: seed + SEED_STRIDE * i + j
+TABLE_COLUMNS = ["prompt_id", "generation", "seed", "step", "timestep", "magnitude"]
+
+
+@dataclass
+class MagnitudeConfig:
+    """How the sampling trajectory is run and scored (defaults: Wen et al.'s reference)."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    num_generations: int = 4  # n
+    max_steps: int | None = None  # stop the trajectory after this many steps (None: all)
+    seed: int = 0
+    batch_size: int = 32  # generations per UNet call (each call holds twice as many latents)
+    height: int | None = None
+    width: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_inference_steps < 1 or self.num_generations < 1 or self.batch_size < 1:
+            raise ChexmemError(
+                "num_inference_steps, num_generations and batch_size must be at least 1"
+            )
+        if self.max_steps is not None and not 1 <= self.max_steps <= self.num_inference_steps:
+            raise ChexmemError(
+                f"max_steps must be between 1 and num_inference_steps ({self.num_inference_steps})"
+            )
+
+    @property
+    def steps_run(self) -> int:
+        """How many sampling steps are actually computed."""
+        return self.max_steps or self.num_inference_steps
+
+
+@dataclass
+class MagnitudeResult:
+    """Per-step magnitudes of every generation, plus what was asked to be kept."""
+
+    table: pd.DataFrame  # TABLE_COLUMNS, one row per prompt x generation x step
+    prompts: list[str]
+    prompt_ids: list[int]
+    config: MagnitudeConfig
+    latents: list[torch.Tensor] = field(default_factory=list)  # x_t per step, (P*n, c, h, w)
+    final_latents: torch.Tensor | None = None  # after the last step run, (P*n, c, h, w)
+
+    def scores(self, first_k: int | None = 1, num_generations: int | None = None) -> pd.Series:
+        """Prompt scores: mean magnitude over the first k steps (None: all steps run) and the
+        first `num_generations` generations (None: all), indexed by prompt id."""
+        table = self.table
+        if first_k is not None:
+            table = table[table["step"] < first_k]
+        if num_generations is not None:
+            table = table[table["generation"] < num_generations]
+        return table.groupby("prompt_id")["magnitude"].mean().rename("score")
+
+
+def seed_of(prompt_id: int, generation: int, seed: int = 0) -> int:
+    """The fixed seed of one generation."""
+    return seed + SEED_STRIDE * prompt_id + generation
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """Text-encoder outputs e_p (P, tokens, dim) of prompts, padded as SD pads them."""
+    tokens = pipe.tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(pipe.unet.device)
+    return pipe.text_encoder(tokens, return_dict=False)[0].to(pipe.unet.dtype)
+
+
+def initial_latents(
+    pipe: Any, prompt_ids: Sequence[int], config: MagnitudeConfig, scheduler: DDIMScheduler
+) -> tuple[torch.Tensor, list[int]]:
+    """x_T of every (prompt, generation), each from its own seed, and those seeds."""
+    height = config.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = config.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    shape = (
+        1,
+        pipe.unet.config.in_channels,
+        height // pipe.vae_scale_factor,
+        width // pipe.vae_scale_factor,
+    )
+    seeds = [seed_of(i, j, config.seed) for i in prompt_ids for j in range(config.num_generations)]
+    latents = [
+        randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=pipe.unet.dtype)
+        for s in seeds
+    ]
+    return torch.cat(latents).to(pipe.unet.device) * scheduler.init_noise_sigma, seeds
+
+
+def guided_step(
+    pipe: Any,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One guided DDIM step: (next latents, per-sample magnitude ||eps_c - eps_u||)."""
+    model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+    eps = pipe.unet(model_input, t, torch.cat([uncond, cond]), return_dict=False)[0]
+    eps_u, eps_c = eps.chunk(2)
+    difference = eps_c - eps_u
+    magnitude = difference.float().flatten(1).norm(dim=1)
+    guided = eps_u + guidance_scale * difference
+    return scheduler.step(guided, t, latents, eta=0.0, return_dict=False)[0], magnitude
+
+
+@torch.no_grad()
+def noise_magnitudes(
+    pipe: Any,
+    prompts: Sequence[str],
+    config: MagnitudeConfig | None = None,
+    prompt_ids: Sequence[int] | None = None,
+    keep_latents: bool = False,
+    keep_final: bool = False,
+) -> MagnitudeResult:
+    """Run every prompt x generation along the guided trajectory and record m_t per step.
+
+    `pipe` is any Stable Diffusion pipeline (or an object with its ``unet``,
+    ``text_encoder``, ``tokenizer``, ``scheduler`` and ``vae_scale_factor``). `prompt_ids`
+    are the prompts' indices in the whole prompt list (they fix the seeds); by default
+    0..P-1. With `keep_final` the latents after the last step are kept (to decode them),
+    with `keep_latents` also the x_t of every step.
+    """
+    config = config or MagnitudeConfig()
+    prompts = list(prompts)
+    ids = list(range(len(prompts))) if prompt_ids is None else [int(i) for i in prompt_ids]
+    if len(ids) != len(prompts):
+        raise ChexmemError("prompt_ids must give one id per prompt")
+    if not prompts:
+        return MagnitudeResult(pd.DataFrame(columns=TABLE_COLUMNS), [], [], config)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(config.num_inference_steps, device=pipe.unet.device)
+    timesteps = scheduler.timesteps[: config.steps_run]
+    cond_all = encode_prompts(pipe, prompts).repeat_interleave(config.num_generations, dim=0)
+    uncond_one = encode_prompts(pipe, [""])
+    latents_all, seeds = initial_latents(pipe, ids, config, scheduler)
+    total = len(seeds)
+    magnitudes = np.zeros((total, len(timesteps)), dtype=np.float64)
+    kept_steps: list[list[torch.Tensor]] = [[] for _ in timesteps]
+    finals = []
+    batches = range(0, total, config.batch_size)
+    bar = tqdm(
+        total=len(batches) * len(timesteps), desc="noise magnitude", disable=not config.progress
+    )
+    for start in batches:
+        stop = min(start + config.batch_size, total)
+        latents = latents_all[start:stop]
+        cond = cond_all[start:stop]
+        uncond = uncond_one.expand(stop - start, -1, -1)
+        for step, t in enumerate(timesteps):
+            if keep_latents:
+                kept_steps[step].append(latents.cpu())
+            latents, magnitude = guided_step(
+                pipe, scheduler, latents, t, cond, uncond, config.guidance_scale
+            )
+            magnitudes[start:stop, step] = magnitude.cpu().numpy()
+            bar.update(1)
+        if keep_latents or keep_final:
+            finals.append(latents.cpu())
+    bar.close()
+    table = magnitude_table(magnitudes, ids, config.num_generations, seeds, timesteps)
+    result = MagnitudeResult(table, prompts, ids, config)
+    if keep_latents:
+        result.latents = [torch.cat(step) for step in kept_steps]
+    if finals:
+        result.final_latents = torch.cat(finals)
+    return result
+
+
+def magnitude_table(
+    magnitudes: np.ndarray,
+    prompt_ids: Sequence[int],
+    num_generations: int,
+    seeds: Sequence[int],
+    timesteps: torch.Tensor,
+) -> pd.DataFrame:
+    """The tidy table of (generation, step) magnitudes, generations grouped by prompt."""
+    total, steps = magnitudes.shape
+    return pd.DataFrame(
+        {
+            "prompt_id": np.repeat(np.repeat(np.asarray(prompt_ids), num_generations), steps),
+            "generation": np.repeat(np.tile(np.arange(num_generations), len(prompt_ids)), steps),
+            "seed": np.repeat(np.asarray(seeds), steps),
+            "step": np.tile(np.arange(steps), total),
+            "timestep": np.tile(timesteps.cpu().numpy(), total),
+            "magnitude": magnitudes.ravel(),
+        }
+    )
+
+
+@torch.no_grad()
+def decode_latents(pipe: Any, latents: torch.Tensor, batch_size: int = 32) -> list[Any]:
+    """PIL images of final latents (as the pipeline's own output would be)."""
+    images = []
+    for start in range(0, len(latents), batch_size):
+        chunk = latents[start : start + batch_size].to(pipe.vae.device, pipe.vae.dtype)
+        decoded = pipe.vae.decode(chunk / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        images += pipe.image_processor.postprocess(decoded, output_type="pil")
+    return images

@@ -1,0 +1,80 @@
+"""Load what `chexmem train` wrote (pipeline folder, LoRA weights or subset delta) for detection.
+
+Every fine-tune output becomes one ordinary `StableDiffusionPipeline` (or a subclass):
+- a pipeline folder (``model_index.json``) or a Hub id loads as it is;
+- a LoRA folder (``pytorch_lora_weights.safetensors``) loads its base model, then the LoRA;
+- a subset folder (``subset_delta.safetensors``) loads its base model, then the tensors.
+The base model comes from the run's ``chexmem_train.json`` (or the delta's metadata).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from hf_datasets.errors import ChexmemError
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+SUBSET_FILE = "subset_delta.safetensors"
+RUN_FILE = "chexmem_train.json"
+
+
+def base_model_of(folder: Path) -> str:
+    """The base model a LoRA / subset run was trained from."""
+    run = folder / RUN_FILE
+    if run.is_file():
+        base = json.loads(run.read_text()).get("config", {}).get("pretrained_model_name_or_path")
+        if base:
+            return str(base)
+    delta = folder / SUBSET_FILE
+    if delta.is_file():
+        with safe_open(str(delta), "pt") as handle:
+            base = (handle.metadata() or {}).get("base_model")
+        if base:
+            return base
+    raise ChexmemError(f"{folder} holds fine-tuned weights but does not name its base model")
+
+
+def load_pipeline(
+    name_or_path: str | Path,
+    pipeline_class: type[StableDiffusionPipeline] = StableDiffusionPipeline,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """A ready pipeline from a fine-tune output folder, a pipeline folder or a Hub id."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        if (path / LORA_FILE).is_file():
+            pipe = load_pipeline(base_model_of(path), pipeline_class, device, dtype)
+            pipe.load_lora_weights(str(path), weight_name=LORA_FILE)
+            return pipe
+        if (path / SUBSET_FILE).is_file():
+            pipe = load_pipeline(base_model_of(path), pipeline_class, device, dtype)
+            result = pipe.unet.load_state_dict(load_file(str(path / SUBSET_FILE)), strict=False)
+            if result.unexpected_keys:
+                raise ChexmemError(f"{path / SUBSET_FILE} does not fit the base model's UNet")
+            return pipe
+        raise ChexmemError(
+            f"{path} is not a model: expected model_index.json, {LORA_FILE} or {SUBSET_FILE}"
+        )
+    local = path.exists()
+    try:
+        pipe = pipeline_class.from_pretrained(
+            str(path) if local else str(name_or_path),
+            torch_dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=local,
+        )
+    except (OSError, ValueError) as error:
+        raise ChexmemError(
+            f"cannot load a Stable Diffusion model from {name_or_path!s}: {error}".splitlines()[0]
+        ) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

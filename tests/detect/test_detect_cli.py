@@ -1,0 +1,100 @@
+"""`chexmem detect` / `chexmem tokens` as users run them, and the 2-process sharded run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from scripts.cli import main
+
+FAST = ["--num_inference_steps", "4", "--num_generations", "2", "--seed", "3"]
+
+
+def test_detect_on_a_dataset_writes_tables_and_detection_summary(
+    tiny_model: Path, phantom_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "det"
+    argv = ["detect", "--model", str(tiny_model), "--dataset", str(phantom_data), *FAST]
+    assert main([*argv, "--first_k", "2", "--output_dir", str(out)]) == 0
+    scores = pd.read_csv(out / "scores.csv")
+    assert scores["prompt"].is_unique and scores["label"].sum() == 2  # 2 duplicated rows
+    assert {"score_first_1", "score_first_2", "score_all_steps"} <= set(scores.columns)
+    table = pd.read_parquet(out / "magnitudes.parquet")
+    assert len(table) == len(scores) * 2 * 4
+    assert list(table.columns) == [
+        "prompt_id", "generation", "seed", "step", "timestep", "magnitude"
+    ]  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompts"] == len(scores) and summary["processes"] == 1
+    assert 0.0 <= summary["detection"]["score_first_1"]["auc"] <= 1.0
+    assert "AUC" in capsys.readouterr().out
+
+
+def test_detect_prompt_file_and_errors(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Frontal PA chest radiograph.\n\nCardiomegaly.\n")
+    out = tmp_path / "det"
+    argv = ["detect", "--model", str(tiny_model), "--prompts", str(prompts), *FAST]
+    assert main([*argv, "--max_steps", "1", "--output_dir", str(out)]) == 0
+    scores = pd.read_csv(out / "scores.csv")
+    assert scores["prompt"].tolist() == ["Frontal PA chest radiograph.", "Cardiomegaly."]
+    assert "detection" not in json.loads((out / "summary.json").read_text())
+    assert main([*argv, "--save_images", "--output_dir", str(out / "with-images")]) == 0
+    images = pd.read_csv(out / "with-images" / "images.csv")
+    assert len(images) == 4 and images["seed"].is_unique
+    with Image.open(out / "with-images" / images["file_name"].iloc[0]) as image:
+        assert image.size == (64, 64)
+    capsys.readouterr()
+    assert main([*argv, "--save_images", "--max_steps", "1", "--output_dir", str(out)]) == 2
+    assert "--save_images needs whole trajectories" in capsys.readouterr().err
+    assert main(["detect", "--model", str(tiny_model), "--output_dir", str(out)]) == 2
+    assert "--prompts FILE or --dataset DIR" in capsys.readouterr().err
+    assert main(["detect", "--model", str(tmp_path), "--prompts", str(prompts)]) == 2
+    assert "is not a model" in capsys.readouterr().err
+
+
+def test_tokens_command_renders_and_checks_removal(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tok"
+    prompt = "Frontal AP chest radiograph of a 42-year-old man. Cardiomegaly."
+    argv = ["tokens", "--model", str(tiny_model), "--prompt", prompt, *FAST]
+    assert main([*argv, "--output_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "top tokens:" in printed and "score" in printed
+    tokens = pd.read_csv(out / "tokens.csv")
+    assert tokens["word"].iloc[0] == "frontal" and (tokens["significance"] > 0).all()
+    removal = json.loads((out / "tokens.json").read_text())["removal"][0]
+    assert len(removal["removed"]) == 3
+    assert (out / "tokens.html").read_text().count("<span") > 5
+
+
+def test_two_processes_give_the_single_process_result(
+    tiny_model: Path, phantom_data: Path, tmp_path: Path
+) -> None:
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    flags = ["--model", str(tiny_model), "--dataset", str(phantom_data), *FAST, "--batch_size", "3"]
+    assert main(["detect", *flags, "--output_dir", str(single)]) == 0
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", "29531", "-m", "detect", *flags, "--output_dir", str(sharded),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((sharded / "summary.json").read_text())["processes"] == 2
+    a = pd.read_parquet(single / "magnitudes.parquet")
+    b = pd.read_parquet(sharded / "magnitudes.parquet")
+    pd.testing.assert_frame_equal(a.drop(columns="magnitude"), b.drop(columns="magnitude"))
+    pd.testing.assert_series_equal(a["magnitude"], b["magnitude"], rtol=1e-5)

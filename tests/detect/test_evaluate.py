@@ -1,0 +1,68 @@
+"""Detection metrics against values worked out by hand and against known properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from detect.evaluate import correlation, detection, roc_auc, roc_curve, tpr_at_fpr
+from hf_datasets.errors import ChexmemError
+
+
+def test_auc_by_hand_with_ties() -> None:
+    labels = [1, 1, 0, 0, 1, 0]
+    scores = [0.9, 0.4, 0.4, 0.1, 0.8, 0.3]
+    # positive-negative pairs won: 0.9 beats 3, 0.8 beats 3, 0.4 beats 2 and ties 1 -> 8.5 / 9
+    assert roc_auc(labels, scores) == pytest.approx(8.5 / 9)
+    assert roc_auc([0, 1], [1.0, 0.0]) == 0.0
+    assert roc_auc([0, 1, 0, 1], [0.5] * 4) == 0.5
+
+
+def test_roc_points_and_tpr_at_low_fpr() -> None:
+    labels = [1, 1, 0, 1, 0, 0]
+    scores = [6, 5, 4, 3, 2, 1]
+    curve = roc_curve(labels, scores)
+    np.testing.assert_allclose(curve.tpr, [0, 1 / 3, 2 / 3, 2 / 3, 1, 1, 1])
+    np.testing.assert_allclose(curve.fpr, [0, 0, 0, 1 / 3, 1 / 3, 2 / 3, 1])
+    assert curve.thresholds[0] == np.inf
+    assert tpr_at_fpr(labels, scores, 0.01) == pytest.approx(2 / 3)
+    assert tpr_at_fpr(labels, scores, 0.5) == pytest.approx(1.0)
+
+
+def test_detection_summary_on_a_large_sample() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(500), np.zeros(500)]
+    scores = np.r_[rng.normal(3, 1, 500), rng.normal(0, 1, 500)]
+    result = detection(labels, scores)
+    # binormal AUC with separation 3 and unit variances: Phi(3 / sqrt(2)) = 0.983
+    assert result.auc == pytest.approx(stats.norm.cdf(3 / np.sqrt(2)), abs=0.01)
+    assert 0.5 < result.tpr_at_1pct_fpr < 0.9  # Phi(3 - 2.326) = 0.75
+    assert (result.positives, result.negatives) == (500, 500)
+
+
+def test_correlations_with_bootstrap_intervals() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=200)
+    y = x + rng.normal(scale=0.5, size=200)
+    spearman = correlation(x, y, "spearman", n_boot=500)
+    assert spearman.value == pytest.approx(stats.spearmanr(x, y)[0])
+    assert spearman.low < spearman.value < spearman.high
+    assert spearman.high - spearman.low < 0.15
+    kendall = correlation(x, y, "kendall", n_boot=500)
+    assert 0 < kendall.value < spearman.value
+    assert correlation(x, y, n_boot=200, seed=3) == correlation(x, y, n_boot=200, seed=3)
+
+
+@pytest.mark.parametrize(
+    ("labels", "scores", "message"),
+    [
+        ([1, 1], [0.1, 0.2], "both memorized"),
+        ([1, 0], [0.1], "2 labels but 1 scores"),
+        ([2, 0], [0.1, 0.2], "must be 0"),
+        ([1, 0], [np.nan, 0.2], "finite"),
+    ],
+)
+def test_bad_input_is_one_clear_error(labels, scores, message) -> None:
+    with pytest.raises(ChexmemError, match=message):
+        detection(labels, scores)
