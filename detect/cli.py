@@ -1,4 +1,4 @@
-"""`chexmem detect` and `chexmem tokens` (``accelerate launch -m detect`` shards `detect`).
+"""`chexmem detect`, `tokens`, `neurons`, `similarity` (``accelerate launch -m detect`` shards).
 
 `detect` writes to ``--output_dir``: ``magnitudes.parquet`` / ``.csv`` (one row per prompt,
 generation and step), ``scores.csv`` (one row per prompt), and ``summary.json`` (settings,
@@ -215,6 +215,167 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     print(f"wrote {out}/tokens.parquet, tokens.csv, tokens.json, tokens.html")
 
 
+EMBEDDERS = ("ncc", "ssim", "msssim", "tiled_l2")
+
+
+def make_embedder(name: str, size: int) -> Any:
+    """The copy-similarity embedder a `--embedder` name stands for."""
+    from detect import similarity
+
+    return {
+        "ncc": similarity.NCCEmbedder,
+        "ssim": similarity.SSIMEmbedder,
+        "msssim": similarity.MSSSIMEmbedder,
+        "tiled_l2": similarity.TiledL2Embedder,
+    }[name](size=size)
+
+
+def read_generations(folder: Path) -> tuple[pd.DataFrame, list[Any]]:
+    """Generated images: a `chexmem detect --save_images` folder (images.csv) or any PNGs."""
+    from PIL import Image
+
+    listing = folder / "images.csv"
+    if listing.is_file():
+        frame = pd.read_csv(listing)
+    else:
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+        frame = pd.DataFrame({"prompt_id": range(len(files)), "generation": 0, "file_name": files})
+    if frame.empty:
+        raise ChexmemError(f"{folder} holds no generated images (images.csv or *.png)")
+    images = []
+    for name in frame["file_name"]:
+        with Image.open(folder / name) as image:
+            images.append(image.convert("L"))
+    return frame, images
+
+
+def cmd_similarity(args: argparse.Namespace) -> None:
+    """Nearest training images of generations, a calibrated copy threshold, copy rates."""
+    from detect.similarity import SearchConfig, TrainingBank, calibrate_threshold, detect_copies
+    from hf_datasets.storage import load_dataset_dir
+
+    folder = Path(args.generations)
+    frame, generated = read_generations(folder)
+    splits = load_dataset_dir(Path(args.dataset).expanduser())
+    for split in (args.split, args.heldout_split):
+        if split not in splits:
+            raise ChexmemError(f"no split {split!r} in {args.dataset}; it has {', '.join(splits)}")
+    train = splits[args.split]
+    embedder = make_embedder(args.embedder, args.size)
+    search = SearchConfig(max_memory_mb=args.max_memory_mb)
+    columns = train.column_names
+    bank = TrainingBank.from_images(
+        train["image"],
+        embedder,
+        patient_ids=train["patient_id"] if "patient_id" in columns else None,
+        image_ids=train["source_path"] if "source_path" in columns else None,
+        study_ids=train["study_id"] if "study_id" in columns else None,
+    )
+    threshold = calibrate_threshold(
+        splits[args.heldout_split]["image"], bank, embedder, args.percentile, search
+    )
+    own = None
+    scores = folder / "scores.csv"
+    if scores.is_file() and "train_index" in pd.read_csv(scores, nrows=0).columns:
+        rows = pd.read_csv(scores).set_index("prompt_id")["train_index"]
+        own = [None if rows.get(i, -1) < 0 else int(rows[i]) for i in frame["prompt_id"]]
+    report = detect_copies(
+        generated, bank, frame["prompt_id"], embedder, threshold, own, config=search
+    )
+    table = report.table
+    table["generation"] = frame["generation"].to_numpy()
+    table.insert(2, "file_name", frame["file_name"].to_numpy())
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(table, out, "matches")
+    write_table(report.summary.reset_index(), out, "prompts")
+    summary = {
+        "generations": len(table),
+        "prompts": int(table["prompt_id"].nunique()),
+        "embedder": report.embedder,
+        "threshold": threshold,
+        "threshold_from": f"{args.percentile}th percentile of {args.heldout_split} images' "
+        f"nearest-{args.split} similarity",
+        "copy_rate": report.copy_rate,
+        "mean_nearest_similarity": float(table["nearest_similarity"].mean()),
+    }
+    write_json(summary, out / "summary.json")
+    print(
+        f"{len(table)} generations vs {len(train)} training images ({report.embedder}): "
+        f"copy threshold {threshold:.4f}, copy rate {report.copy_rate:.1%}"
+    )
+    print(f"wrote {out}/matches.parquet, prompts.csv, summary.json")
+
+
+def cmd_neurons(args: argparse.Namespace) -> None:
+    """NEMO: the cross-attention value neurons that carry each prompt's memorization."""
+    from detect.models import load_pipeline
+    from detect.neurons import (
+        NemoConfig,
+        calibrate_threshold,
+        localize_prompts,
+        reference_statistics,
+    )
+    from detect.prompt_sets import load_prompt_set
+
+    prompts = load_prompt_set(args.prompts, args.dataset, args.split, args.num_prompts)
+    if args.memorized_only:
+        if "label" not in prompts:
+            raise ChexmemError("--memorized_only needs prompts with a label (a --dataset)")
+        prompts = prompts[prompts["label"] == 1]
+    reference = load_prompt_set(
+        args.reference_prompts, args.reference_dataset, args.reference_split, args.num_reference
+    )
+    config = NemoConfig(
+        num_seeds=args.num_seeds,
+        num_inference_steps=args.num_inference_steps,
+        noise_step_index=args.noise_step_index,
+        seed=args.seed,
+        include_up_blocks=args.include_up_blocks,
+    )
+    pipe = load_pipeline(args.model, dtype=DTYPES[args.dtype])
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    stats = reference_statistics(
+        pipe, list(reference["prompt"]), config, cache_dir=args.cache_dir or out / "reference"
+    )
+    tau = (
+        args.tau_mem
+        if args.tau_mem is not None
+        else calibrate_threshold(pipe, list(reference["prompt"]), config)
+    )
+    report = localize_prompts(
+        pipe, list(prompts["prompt"]), stats, tau, config, list(prompts["prompt_id"])
+    )
+    seconds = time.perf_counter() - start
+    summary = report.summary.merge(prompts, on="prompt_id", how="left")
+    write_table(summary, out, "neurons_per_prompt")
+    write_table(report.frequency, out, "neuron_frequency")
+    write_table(report.per_layer, out, "neurons_per_layer")
+    write_json(
+        {
+            "tau_mem": tau,
+            "tau_mem_from": "given" if args.tau_mem is not None else "calibrated on reference",
+            "reference_prompts": len(reference),
+            "reference_from_cache": stats.from_cache,
+            "config": asdict(config),
+            "seconds": round(seconds, 3),
+            "neurons": {str(r.prompt_id): r.neurons for r in report.results},
+        },
+        out / "neurons.json",
+    )
+    memorized = int(summary["memorized"].sum())
+    print(f"tau_mem {tau:.4f}; {memorized} of {len(summary)} prompts memorized (NEMO)")
+    for result in report.results:
+        if result.memorized:
+            print(
+                f"  prompt {result.prompt_id}: {result.num_neurons} neurons, SSIM "
+                f"{result.similarity:.3f} -> {result.score_final:.3f} blocked"
+            )
+    print(f"wrote {out}/neurons.json, neurons_per_prompt.csv, neuron_frequency.csv")
+
+
 def add_detect_flags(p: argparse.ArgumentParser) -> None:
     """Every flag of `chexmem detect` / `python -m detect`."""
     add_model_flags(p)
@@ -250,6 +411,44 @@ def add_detect_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output_dir", default="chexmem-tokens")
     add_config_flag(p)
     p.set_defaults(func=cmd_tokens, _parser=p)
+
+    p = subparsers.add_parser("neurons", help="NEMO: localize memorization neurons")
+    add_model_flags(p)
+    add_prompt_flags(p)
+    p.add_argument("--memorized_only", action="store_true", help="only prompts labelled 1")
+    p.add_argument("--reference_prompts", help="non-memorized prompts for the statistics")
+    p.add_argument("--reference_dataset", help="...or a dataset whose split is not memorized")
+    p.add_argument("--reference_split", default="test")
+    p.add_argument("--num_reference", type=int, help="use only the first N reference prompts")
+    p.add_argument("--num_seeds", type=int, default=10)
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--noise_step_index", type=int, default=0, help="0: t = T (the paper)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--include_up_blocks", action="store_true")
+    p.add_argument("--tau_mem", type=float, help="memorization threshold (default: calibrated)")
+    p.add_argument("--cache_dir", help="reference statistics cache (default: OUT/reference)")
+    p.add_argument("--output_dir", default="chexmem-neurons")
+    add_config_flag(p)
+    p.set_defaults(func=cmd_neurons, _parser=p)
+
+    p = subparsers.add_parser(
+        "similarity", help="copy check: nearest training images of generated images"
+    )
+    p.add_argument(
+        "--generations", required=True, help="a `chexmem detect --save_images` folder or PNGs"
+    )
+    p.add_argument("--dataset", required=True, help="the saved training dataset")
+    p.add_argument("--split", default="train", help="the training split (default: train)")
+    p.add_argument(
+        "--heldout_split", default="test", help="real held-out images for the copy threshold"
+    )
+    p.add_argument("--embedder", choices=EMBEDDERS, default="ncc")
+    p.add_argument("--size", type=int, default=64, help="images are compared at this size")
+    p.add_argument("--percentile", type=float, default=95.0, help="copy threshold percentile")
+    p.add_argument("--max_memory_mb", type=int, default=512, help="search working memory")
+    p.add_argument("--output_dir", default="chexmem-similarity")
+    add_config_flag(p)
+    p.set_defaults(func=cmd_similarity, _parser=p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

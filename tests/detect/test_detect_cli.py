@@ -98,3 +98,50 @@ def test_two_processes_give_the_single_process_result(
     b = pd.read_parquet(sharded / "magnitudes.parquet")
     pd.testing.assert_frame_equal(a.drop(columns="magnitude"), b.drop(columns="magnitude"))
     pd.testing.assert_series_equal(a["magnitude"], b["magnitude"], rtol=1e-5)
+
+
+def test_similarity_command_matches_generations_to_the_training_set(
+    tiny_model: Path, phantom_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    generations = tmp_path / "gen"
+    argv = ["detect", "--model", str(tiny_model), "--dataset", str(phantom_data), *FAST]
+    flags = ["--num_prompts", "3", "--save_images", "--output_dir", str(generations)]
+    assert main([*argv, *flags]) == 0
+    out = tmp_path / "sim"
+    argv = ["similarity", "--generations", str(generations), "--dataset", str(phantom_data)]
+    assert main([*argv, "--output_dir", str(out)]) == 0
+    matches = pd.read_csv(out / "matches.csv")
+    assert len(matches) == 3 * 2 and matches["nearest_similarity"].between(-1, 1).all()
+    assert {"nearest_patient", "is_copy", "file_name"} <= set(matches.columns)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["embedder"] == "ncc-64" and 0 <= summary["copy_rate"] <= 1
+    assert "test images" in summary["threshold_from"]
+    assert "copy threshold" in capsys.readouterr().out
+    # a training image given as a "generation" is a copy of itself
+    from hf_datasets.storage import load_dataset_dir
+
+    own = tmp_path / "own"
+    own.mkdir()
+    load_dataset_dir(phantom_data)["train"][0]["image"].save(own / "x.png")
+    assert main([*argv[:2], str(own), *argv[3:], "--output_dir", str(out / "own")]) == 0
+    row = pd.read_csv(out / "own" / "matches.csv").iloc[0]
+    assert row["nearest_similarity"] == pytest.approx(1.0, abs=1e-4) and row["is_copy"]
+
+
+def test_neurons_command_localizes_and_caches_the_reference(
+    tiny_model: Path, phantom_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "nemo"
+    argv = [
+        "neurons", "--model", str(tiny_model), "--dataset", str(phantom_data), "--memorized_only",
+        "--reference_dataset", str(phantom_data), "--reference_split", "test",
+        "--num_seeds", "3", "--num_inference_steps", "4", "--output_dir", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert "tau_mem" in capsys.readouterr().out
+    per_prompt = pd.read_csv(out / "neurons_per_prompt.csv")
+    assert len(per_prompt) == 2 and (per_prompt["label"] == 1).all()
+    saved = json.loads((out / "neurons.json").read_text())
+    assert saved["reference_from_cache"] is False and 0 < saved["tau_mem"] <= 1
+    assert main(argv) == 0
+    assert json.loads((out / "neurons.json").read_text())["reference_from_cache"] is True
