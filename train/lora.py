@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel
 
@@ -34,7 +34,11 @@ def add_lora(unet: torch.nn.Module, text_encoder: CLIPTextModel, config: TrainCo
     try:
         unet.add_adapter(lora_config(config.lora_target_modules))
         if config.train_text_encoder:
-            text_encoder.add_adapter(lora_config(config.text_encoder_lora_target_modules))
+            # peft directly, not transformers' `add_adapter`: transformers >= 5.24 refuses
+            # that with the newest peft on PyPI (0.21.2; it asks for >= 0.22)
+            inject_adapter_in_model(
+                lora_config(config.text_encoder_lora_target_modules), text_encoder, "default"
+            )
     except ValueError as error:
         raise ChexmemError(
             f"LoRA target modules do not match the model: {error}".splitlines()[0]
