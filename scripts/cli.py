@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(
-        dest="command", required=True, metavar="{demo,data,model,train,detect,tokens,neurons,similarity}"
+        dest="command",
+        required=True,
+        metavar="{demo,data,model,train,detect,tokens,neurons,similarity}",
     )
     add_demo_command(subparsers)
     add_data_commands(subparsers)
