@@ -1,0 +1,56 @@
+"""CxrMemPipeline: loads any SD folder, generates, and returns the magnitudes of its steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from detect.magnitude import MagnitudeConfig, noise_magnitudes, seed_of
+from mitigate.pipeline import CxrMemPipeline
+
+PROMPTS = ["Frontal PA chest radiograph. Cardiomegaly.", "Frontal AP chest radiograph. Edema."]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model: Path) -> CxrMemPipeline:
+    """The custom pipeline loaded from a plain StableDiffusionPipeline folder."""
+    return CxrMemPipeline.from_pretrained(tiny_model, local_files_only=True)
+
+
+def test_generation_returns_images_and_per_step_magnitudes(pipe: CxrMemPipeline) -> None:
+    out = pipe(PROMPTS, num_images_per_prompt=2, num_inference_steps=3, score_steps=2)
+    assert len(out.images) == 4 and out.images[0].size == (64, 64)
+    assert len(out.magnitudes) == 2 * 2 * 3
+    reference = noise_magnitudes(
+        pipe, PROMPTS, MagnitudeConfig(num_inference_steps=3, num_generations=2, progress=False)
+    )
+    assert out.scores[PROMPTS[1]] == pytest.approx(float(reference.scores(first_k=2)[1]))
+
+
+def test_images_equal_the_stock_pipeline_with_the_same_seeds(
+    pipe: CxrMemPipeline, tiny_model: Path
+) -> None:
+    stock = StableDiffusionPipeline.from_pretrained(tiny_model, local_files_only=True)
+    stock.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(seed_of(0, j)) for j in range(2)]
+    expected = stock(
+        PROMPTS[0], num_images_per_prompt=2, num_inference_steps=4, generator=generators,
+        output_type="latent",
+    ).images  # fmt: skip
+    ours = pipe(PROMPTS[0], num_images_per_prompt=2, num_inference_steps=4, output_type="latent")
+    torch.testing.assert_close(torch.stack(ours.images), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_from_pipe_shares_components_and_explains_tokens(tiny_model: Path) -> None:
+    stock = StableDiffusionPipeline.from_pretrained(tiny_model, local_files_only=True)
+    pipe = CxrMemPipeline.from_pipe(stock)
+    assert pipe.unet is stock.unet
+    from detect.tokens import TokenConfig
+
+    significance = pipe.token_significance(
+        PROMPTS[0], TokenConfig(steps=1, num_generations=1, num_inference_steps=4)
+    )
+    assert significance.words[:2] == ["frontal", "pa"] and (significance.scores > 0).all()
