@@ -47,16 +47,20 @@ class DemoConfig:
     """What the demo runs; each field is a `chexmem demo` flag."""
 
     output_dir: str = "chexmem-demo"
-    num_patients: int = 60
+    # 150 patients (~220 distinct training images) with 10 images x 15 copies: duplicates are
+    # 40% of training rows. With 60 patients (70%) the unconditional branch learned the
+    # duplicates too and the magnitude could no longer tell them apart (docs/benchmarks.md)
+    num_patients: int = 150
     max_studies_per_patient: int = 3
     resolution: int = 64
     duplicated_rows: int = 10
-    copies: int = 20
+    copies: int = 15
     max_train_steps: int = 1600
     train_batch_size: int = 8
     learning_rate: float = 2e-3
     lr_scheduler: str = "cosine"  # annealed to 0: sharper copies than a constant rate
     ordinary_prompts: int = 30  # non-duplicated training prompts scored by the detector
+    held_out_prompts: int = 30  # validation and test prompts scored (at most)
     generations_per_prompt: int = 4
     inference_steps: int = 25
     vae_train_steps: int = 300
@@ -161,7 +165,7 @@ def detection_prompts(data: Path, config: DemoConfig) -> pd.DataFrame:
     """Prompts to validate the detector on, each with its group and its training row.
 
     Groups: every duplicated training prompt (label 1), a seeded sample of ordinary
-    (non-duplicated) training prompts, and every held-out (validation and test) prompt.
+    (non-duplicated) training prompts, and held-out (validation, then test) prompts.
     """
     dataset = load_dataset_dir(data)
     train = dataset["train"]
@@ -175,8 +179,8 @@ def detection_prompts(data: Path, config: DemoConfig) -> pd.DataFrame:
     ordinary = sorted(rng.choice(ordinary, min(config.ordinary_prompts, len(ordinary)), False))
     rows = [(prompts[i], "duplicated", 1, i) for i in duplicated]
     rows += [(prompts[i], "ordinary", 0, int(i)) for i in ordinary]
-    for split in ("validation", "test"):
-        rows += [(p, "held_out", 0, -1) for p in dataset[split]["prompt"]]
+    held_out = [*dataset["validation"]["prompt"], *dataset["test"]["prompt"]]
+    rows += [(p, "held_out", 0, -1) for p in held_out[: config.held_out_prompts]]
     return pd.DataFrame(rows, columns=["prompt", "group", "label", "train_index"])
 
 

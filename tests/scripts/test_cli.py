@@ -114,6 +114,7 @@ def test_console_script_runs_the_demo(tmp_path: Path) -> None:
         sys.executable, "-m", "scripts.cli", "demo", "--output_dir", str(tmp_path / "demo"),
         "--num_patients", "12", "--duplicated_rows", "2", "--copies", "4", "--max_train_steps", "4",
         "--train_batch_size", "4", "--vae_train_steps", "5", "--ordinary_prompts", "3",
+        "--held_out_prompts", "2",
         "--generations_per_prompt", "2", "--inference_steps", "2",
     ]  # fmt: skip
     result = subprocess.run(
@@ -131,7 +132,7 @@ def test_console_script_runs_the_demo(tmp_path: Path) -> None:
 
     summary = json.loads((demo / "detection.json").read_text())
     assert set(summary["models"]) == {"cfg", "nocfg"}
-    assert summary["prompts"]["duplicated"] == 2 and summary["prompts"]["ordinary"] == 3
+    assert summary["prompts"] == {"duplicated": 2, "ordinary": 3, "held_out": 2}
     for name, model in summary["models"].items():
         detection = model["detection"]["duplicated_vs_held_out"]
         assert set(detection) == {"score_step1_n1", "score_step1", "score_all_steps"}
