@@ -128,13 +128,15 @@ def guided_step(
     scheduler: DDIMScheduler,
     latents: torch.Tensor,
     t: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    context: torch.Tensor,
     guidance_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One guided DDIM step: (next latents, per-sample magnitude ||eps_c - eps_u||)."""
+    """One guided DDIM step: (next latents, per-sample magnitude ||eps_c - eps_u||).
+
+    `context` holds the empty prompt's encoder states for every sample, then the prompts'.
+    """
     model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-    eps = pipe.unet(model_input, t, torch.cat([uncond, cond]), return_dict=False)[0]
+    eps = pipe.unet(model_input, t, context, return_dict=False)[0]
     eps_u, eps_c = eps.chunk(2)
     difference = eps_c - eps_u
     magnitude = difference.float().flatten(1).norm(dim=1)
@@ -183,13 +185,12 @@ def noise_magnitudes(
     for start in batches:
         stop = min(start + config.batch_size, total)
         latents = latents_all[start:stop]
-        cond = cond_all[start:stop]
-        uncond = uncond_one.expand(stop - start, -1, -1)
+        context = torch.cat([uncond_one.expand(stop - start, -1, -1), cond_all[start:stop]])
         for step, t in enumerate(timesteps):
             if keep_latents:
                 kept_steps[step].append(latents.cpu())
             latents, magnitude = guided_step(
-                pipe, scheduler, latents, t, cond, uncond, config.guidance_scale
+                pipe, scheduler, latents, t, context, config.guidance_scale
             )
             magnitudes[start:stop, step] = magnitude.cpu().numpy()
             bar.update(1)

@@ -64,10 +64,13 @@ def load_pipeline(
             f"{path} is not a model: expected model_index.json, {LORA_FILE} or {SUBSET_FILE}"
         )
     local = path.exists()
+    # float32 is what from_pretrained loads anyway; only other dtypes are passed, under the
+    # name every diffusers >= 0.35 takes (0.42 prefers `dtype` and warns about `torch_dtype`)
+    precision = {} if dtype == torch.float32 else {"torch_dtype": dtype}
     try:
         pipe = pipeline_class.from_pretrained(
             str(path) if local else str(name_or_path),
-            torch_dtype=dtype,
+            **precision,
             safety_checker=None,
             requires_safety_checker=False,
             local_files_only=local,

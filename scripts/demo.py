@@ -267,19 +267,21 @@ def evaluate_detection(frame: pd.DataFrame) -> dict:
 
 
 def copy_grid(
-    frame: pd.DataFrame, images: pd.DataFrame, run: Path, train_images: list, path: Path
+    frame: pd.DataFrame,
+    images: pd.DataFrame,
+    run: Path,
+    train_images: list,
+    chosen: list[int],
+    path: Path,
 ) -> None:
-    """Generation | nearest training image for the 4 highest and 4 lowest scored prompts."""
-    order = frame.sort_values("score_step1", ascending=False)
-    chosen = [*order.index[:4], *order.index[-4:]]
+    """Generation | nearest training image (first generation) for the chosen prompt ids."""
     tiles, captions = [], []
-    for rank, prompt_id in enumerate(chosen):
+    for prompt_id in chosen:
         row = images[(images["prompt_id"] == prompt_id) & (images["generation"] == 0)].iloc[0]
         tiles += [Image.open(run / row["file_name"]), train_images[int(row["nearest_index"])]]
-        where = "top" if rank < 4 else "bottom"
         score = frame.loc[prompt_id, "score_step1"]
         captions += [
-            f"{where} score {score:.2f} ({frame.loc[prompt_id, 'group']})",
+            f"{frame.loc[prompt_id, 'group']}, score {score:.2f}",
             f"nearest training image, NCC {row['nearest_similarity']:.2f}",
         ]
     contact_sheet(tiles, captions, tile=128, columns=4, caption_lines=2).save(path)
@@ -350,7 +352,18 @@ def run_detect_stage(config: DemoConfig, data: Path, models: dict[str, tuple[Pat
             curve = roc_curve(1 - others.astype(int), frame[score])
             curves[score] = (curve.fpr, curve.tpr)
         roc_plot(curves, out / f"detect_{name}_roc.png", f"{name}: duplicated vs all other prompts")
-        copy_grid(frame, images, run, train_images, out / f"detect_{name}_grid.png")
+        order = list(frame.sort_values("score_step1", ascending=False).index)
+        copy_grid(
+            frame,
+            images,
+            run,
+            train_images,
+            order[:4] + order[-4:],
+            out / f"detect_{name}_grid.png",
+        )
+        for group in ("duplicated", "held_out"):
+            chosen = list(frame.index[frame["group"] == group][:8])
+            copy_grid(frame, images, run, train_images, chosen, out / f"copies_{name}_{group}.png")
         _print_detection(name, result)
     (out / "detection.json").write_text(json.dumps(summary, indent=1))
     return summary
