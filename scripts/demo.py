@@ -47,8 +47,8 @@ class DemoConfig:
     """What the demo runs; each field is a `chexmem demo` flag."""
 
     output_dir: str = "chexmem-demo"
-    # 150 patients (~220 distinct training images) with 10 images x 15 copies: duplicates are
-    # 40% of training rows. With 60 patients (70%) the unconditional branch learned the
+    # 150 patients (~220 distinct training images) with 10 images x 15 copies: duplicates fill
+    # 41% of training rows. With 60 patients (72%) the unconditional branch learned the
     # duplicates too and the magnitude could no longer tell them apart (docs/benchmarks.md)
     num_patients: int = 150
     max_studies_per_patient: int = 3
