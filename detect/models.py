@@ -41,6 +41,19 @@ def base_model_of(folder: Path) -> str:
     raise ChexmemError(f"{folder} holds fine-tuned weights but does not name its base model")
 
 
+def load_subset_delta(unet: torch.nn.Module, path: str | Path) -> dict[str, str]:
+    """Load a saved subset delta into a UNet of the same architecture; returns its metadata."""
+    path = Path(path)
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+    result = unet.load_state_dict(load_file(str(path)), strict=False)
+    if result.unexpected_keys:
+        raise ChexmemError(
+            f"{path} does not fit this UNet: unexpected {result.unexpected_keys[:3]}"
+        )
+    return metadata
+
+
 def load_pipeline(
     name_or_path: str | Path,
     pipeline_class: type[StableDiffusionPipeline] = StableDiffusionPipeline,
@@ -56,9 +69,7 @@ def load_pipeline(
             return pipe
         if (path / SUBSET_FILE).is_file():
             pipe = load_pipeline(base_model_of(path), pipeline_class, device, dtype)
-            result = pipe.unet.load_state_dict(load_file(str(path / SUBSET_FILE)), strict=False)
-            if result.unexpected_keys:
-                raise ChexmemError(f"{path / SUBSET_FILE} does not fit the base model's UNet")
+            load_subset_delta(pipe.unet, path / SUBSET_FILE)
             return pipe
         raise ChexmemError(
             f"{path} is not a model: expected model_index.json, {LORA_FILE} or {SUBSET_FILE}"

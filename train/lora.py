@@ -11,10 +11,11 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel
 
+from detect.models import LORA_FILE
 from hf_datasets.errors import ChexmemError
 from train.config import TrainConfig
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LORA_WEIGHTS = LORA_FILE  # one name for the file, shared with the loader in detect.models
 
 
 def add_lora(unet: torch.nn.Module, text_encoder: CLIPTextModel, config: TrainConfig) -> None:

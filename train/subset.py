@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from detect.models import SUBSET_FILE, load_subset_delta
 from hf_datasets.errors import ChexmemError
 
-DELTA_FILE = "subset_delta.safetensors"
+DELTA_FILE = SUBSET_FILE  # one name for the file, shared with the loader in detect.models
 MASK_FILE = "subset_mask.safetensors"
 FAMILIES: dict[str, str] = {
     "all": r".*",
@@ -176,16 +177,7 @@ def save_subset(unet: torch.nn.Module, subset: Subset, out: Path, base_model: st
 
 def load_subset(unet: torch.nn.Module, folder: str | Path) -> dict[str, str]:
     """Load a saved subset into a UNet of the same architecture; returns the file's metadata."""
-    from safetensors import safe_open
-
     path = Path(folder) / DELTA_FILE
     if not path.is_file():
         raise ChexmemError(f"no {DELTA_FILE} in {folder}")
-    with safe_open(str(path), "pt") as handle:
-        metadata = handle.metadata() or {}
-    result = unet.load_state_dict(load_file(str(path)), strict=False)
-    if result.unexpected_keys:
-        raise ChexmemError(
-            f"{path} does not fit this UNet: unexpected {result.unexpected_keys[:3]}"
-        )
-    return metadata
+    return load_subset_delta(unet, path)
