@@ -140,5 +140,7 @@ def test_console_script_runs_the_demo(tmp_path: Path) -> None:
         assert set(model["copy_similarity_by_group"]) == {"duplicated", "ordinary", "held_out"}
         for figure in ("scatter", "roc", "grid"):
             assert (demo / f"detect_{name}_{figure}.png").is_file()
+        for group in ("duplicated", "held_out"):
+            assert (demo / f"copies_{name}_{group}.png").is_file()
         prompts = json.loads((demo / f"detect-{name}" / "summary.json").read_text())["prompts"]
         assert prompts == sum(summary["prompts"].values())
