@@ -77,7 +77,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
     from accelerate.utils import gather_object, parse_flag_from_env
 
     from detect.evaluate import detection
-    from detect.magnitude import MagnitudeConfig, decode_latents, noise_magnitudes
+    from detect.magnitude import MagnitudeConfig, decode_latents, noise_magnitudes, prompt_scores
     from detect.models import load_pipeline
     from detect.prompt_sets import load_prompt_set
 
@@ -127,8 +127,8 @@ def cmd_detect(args: argparse.Namespace) -> None:
     scores = prompts.copy()
     for k in sorted({1, args.first_k}):
         if k <= config.steps_run:
-            scores[f"score_first_{k}"] = _scores(table, k).reindex(scores["prompt_id"]).values
-    scores["score_all_steps"] = _scores(table, None).reindex(scores["prompt_id"]).values
+            scores[f"score_first_{k}"] = prompt_scores(table, k).reindex(scores["prompt_id"]).values
+    scores["score_all_steps"] = prompt_scores(table, None).reindex(scores["prompt_id"]).values
     write_table(table, out, "magnitudes")
     write_table(scores, out, "scores")
     if args.save_images:
@@ -154,13 +154,6 @@ def cmd_detect(args: argparse.Namespace) -> None:
     for column, result in summary.get("detection", {}).items():
         print(f"  {column}: AUC {result['auc']:.3f}, TPR@1%FPR {result['tpr_at_1pct_fpr']:.3f}")
     print(f"wrote {out}/magnitudes.parquet, scores.csv, summary.json")
-
-
-def _scores(table: pd.DataFrame, first_k: int | None) -> pd.Series:
-    """Mean magnitude per prompt over the first k steps (None: all) and all generations."""
-    if first_k is not None:
-        table = table[table["step"] < first_k]
-    return table.groupby("prompt_id")["magnitude"].mean()
 
 
 def cmd_tokens(args: argparse.Namespace) -> None:

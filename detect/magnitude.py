@@ -75,14 +75,20 @@ class MagnitudeResult:
     final_latents: torch.Tensor | None = None  # after the last step run, (P*n, c, h, w)
 
     def scores(self, first_k: int | None = 1, num_generations: int | None = None) -> pd.Series:
-        """Prompt scores: mean magnitude over the first k steps (None: all steps run) and the
-        first `num_generations` generations (None: all), indexed by prompt id."""
-        table = self.table
-        if first_k is not None:
-            table = table[table["step"] < first_k]
-        if num_generations is not None:
-            table = table[table["generation"] < num_generations]
-        return table.groupby("prompt_id")["magnitude"].mean().rename("score")
+        """Prompt scores (see `prompt_scores`), indexed by prompt id."""
+        return prompt_scores(self.table, first_k, num_generations)
+
+
+def prompt_scores(
+    table: pd.DataFrame, first_k: int | None = 1, num_generations: int | None = None
+) -> pd.Series:
+    """Mean magnitude per prompt over the first k steps (None: all steps in the table) and the
+    first `num_generations` generations (None: all), indexed by prompt id."""
+    if first_k is not None:
+        table = table[table["step"] < first_k]
+    if num_generations is not None:
+        table = table[table["generation"] < num_generations]
+    return table.groupby("prompt_id")["magnitude"].mean().rename("score")
 
 
 def seed_of(prompt_id: int, generation: int, seed: int = 0) -> int:

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from detect.evaluate import correlation, detection, roc_curve
+from detect.magnitude import prompt_scores
 from detect.plots import roc_plot, scatter_plot
 from detect.similarity import ncc_features, nearest
 from hf_datasets.cliutils import add_config_flag
@@ -235,16 +236,13 @@ def copy_similarity(
     return images, features
 
 
-def prompt_scores(run: Path, prompts: pd.DataFrame) -> pd.DataFrame:
-    """Prompt scores at step 1 with n = 1 and all n, and over all steps."""
+def run_scores(run: Path, prompts: pd.DataFrame) -> pd.DataFrame:
+    """Prompt scores of a detection run: step 1 with n = 1 and all n, and over all steps."""
     table = pd.read_parquet(run / "magnitudes.parquet")
-    first = table[table["step"] == 0]
     frame = prompts.copy()
-    frame["score_step1_n1"] = (
-        first[first["generation"] == 0].groupby("prompt_id")["magnitude"].mean()
-    )
-    frame["score_step1"] = first.groupby("prompt_id")["magnitude"].mean()
-    frame["score_all_steps"] = table.groupby("prompt_id")["magnitude"].mean()
+    frame["score_step1_n1"] = prompt_scores(table, 1, 1)
+    frame["score_step1"] = prompt_scores(table, 1)
+    frame["score_all_steps"] = prompt_scores(table, None)
     return frame
 
 
@@ -313,7 +311,7 @@ def run_detect_stage(config: DemoConfig, data: Path, models: dict[str, tuple[Pat
     for name, (_, guidance) in models.items():
         run = out / f"detect-{name}"
         images, _ = copy_similarity(run, bank, prompts)
-        frame = prompt_scores(run, prompts)
+        frame = run_scores(run, prompts)
         per_prompt = images.groupby("prompt_id")
         frame["copy_similarity"] = per_prompt["nearest_similarity"].mean()
         frame["max_copy_similarity"] = per_prompt["nearest_similarity"].max()
