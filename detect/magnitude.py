@@ -16,7 +16,8 @@ prompt list), so results do not depend on batching or on how prompts are sharded
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from hf_datasets.errors import ChexmemError
 
 SEED_STRIDE = 1000  # seed of generation j of prompt i: seed + SEED_STRIDE * i + j
 TABLE_COLUMNS = ["prompt_id", "generation", "seed", "step", "timestep", "magnitude"]
+StepContext = Callable[[int, torch.Tensor], AbstractContextManager]  # (step index, t) -> hooks
 
 
 @dataclass
@@ -158,6 +160,8 @@ def noise_magnitudes(
     prompt_ids: Sequence[int] | None = None,
     keep_latents: bool = False,
     keep_final: bool = False,
+    prompt_embeds: torch.Tensor | None = None,
+    step_context: StepContext | None = None,
 ) -> MagnitudeResult:
     """Run every prompt x generation along the guided trajectory and record m_t per step.
 
@@ -165,7 +169,9 @@ def noise_magnitudes(
     ``text_encoder``, ``tokenizer``, ``scheduler`` and ``vae_scale_factor``). `prompt_ids`
     are the prompts' indices in the whole prompt list (they fix the seeds); by default
     0..P-1. With `keep_final` the latents after the last step are kept (to decode them),
-    with `keep_latents` also the x_t of every step.
+    with `keep_latents` also the x_t of every step. `prompt_embeds` (P, tokens, dim), if
+    given, replaces the encoded prompts (mitigations that adjust e_p); `step_context(step, t)`
+    returns a context manager held around each step's UNet call (hooks for the first steps).
     """
     config = config or MagnitudeConfig()
     prompts = list(prompts)
@@ -177,7 +183,12 @@ def noise_magnitudes(
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(config.num_inference_steps, device=pipe.unet.device)
     timesteps = scheduler.timesteps[: config.steps_run]
-    cond_all = encode_prompts(pipe, prompts).repeat_interleave(config.num_generations, dim=0)
+    if prompt_embeds is None:
+        prompt_embeds = encode_prompts(pipe, prompts)
+    elif prompt_embeds.shape[0] != len(prompts):
+        raise ChexmemError("prompt_embeds must hold one embedding per prompt")
+    cond = prompt_embeds.to(pipe.unet.device, pipe.unet.dtype)
+    cond_all = cond.repeat_interleave(config.num_generations, dim=0)
     uncond_one = encode_prompts(pipe, [""])
     latents_all, seeds = initial_latents(pipe, ids, config, scheduler)
     total = len(seeds)
@@ -195,9 +206,10 @@ def noise_magnitudes(
         for step, t in enumerate(timesteps):
             if keep_latents:
                 kept_steps[step].append(latents.cpu())
-            latents, magnitude = guided_step(
-                pipe, scheduler, latents, t, context, config.guidance_scale
-            )
+            with step_context(step, t) if step_context else nullcontext():
+                latents, magnitude = guided_step(
+                    pipe, scheduler, latents, t, context, config.guidance_scale
+                )
             magnitudes[start:stop, step] = magnitude.cpu().numpy()
             bar.update(1)
         if keep_latents or keep_final:
