@@ -6,15 +6,25 @@ A `StableDiffusionPipeline` subclass: it loads any SD 1.x / 2.x folder or Hub id
 ``num_images_per_prompt`` images per prompt along the ordinary guided DDIM trajectory and
 returns, with the images, the text-conditional noise magnitude of every step
 (`detect.magnitude`) and each prompt's score; `token_significance` explains a prompt.
+`mitigation=` applies any inference-time mitigation (`mitigate.registry`), by name or as
+an object, on the same seeds.
 
     pipe = CxrMemPipeline.from_pretrained("runs/full-cfg")
     out = pipe("Frontal PA chest radiograph of a 52-year-old woman.", num_images_per_prompt=4)
     out.images, out.scores, out.magnitudes  # PIL images, {prompt: score}, tidy table
+    pipe(prompt, mitigation="attention_scaling")  # or EmbeddingAdjustment(target=...), ...
+
+diffusers' own loader finds this file too (it then asks for ``trust_remote_code=True``,
+even for a local file, because it imports the file as a module):
+
+    DiffusionPipeline.from_pretrained("runs/full-cfg", custom_pipeline=CUSTOM_PIPELINE,
+                                      trust_remote_code=True)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -23,6 +33,10 @@ from diffusers.utils import BaseOutput
 
 from detect.magnitude import MagnitudeConfig, MagnitudeResult, decode_latents, noise_magnitudes
 from detect.tokens import TokenConfig, TokenSignificance, token_significance
+from mitigate.base import Mitigation, generate
+from mitigate.registry import make_mitigation
+
+CUSTOM_PIPELINE = str(Path(__file__).resolve())  # for DiffusionPipeline(custom_pipeline=...)
 
 
 @dataclass
@@ -32,6 +46,8 @@ class CxrMemPipelineOutput(BaseOutput):
     images: list[Any]
     magnitudes: pd.DataFrame
     scores: dict[str, float]
+    prompts: list[str] | None = None  # as fed to the text encoder (after a mitigation's rewrite)
+    mitigation: dict[str, Any] | None = None
 
 
 class CxrMemPipeline(StableDiffusionPipeline):
@@ -49,10 +65,14 @@ class CxrMemPipeline(StableDiffusionPipeline):
         score_steps: int = 1,
         output_type: str = "pil",
         batch_size: int = 32,
+        mitigation: Mitigation | str | None = None,
     ) -> CxrMemPipelineOutput:
         """Generate, measuring m_t at every step; a prompt's score averages `score_steps`."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        result = self.detect(
+        if isinstance(mitigation, str):
+            mitigation = make_mitigation(mitigation)
+        mitigated = generate(
+            self,
             prompts,
             MagnitudeConfig(
                 num_inference_steps=num_inference_steps,
@@ -64,8 +84,9 @@ class CxrMemPipeline(StableDiffusionPipeline):
                 width=width,
                 progress=False,
             ),
-            keep_final=True,
+            mitigation,
         )
+        result = mitigated.result
         latents = result.final_latents
         images: list[Any] = (
             list(latents) if output_type == "latent" else decode_latents(self, latents, batch_size)
@@ -75,6 +96,8 @@ class CxrMemPipeline(StableDiffusionPipeline):
             images=images,
             magnitudes=result.table,
             scores={p: float(scores[i]) for i, p in zip(result.prompt_ids, prompts, strict=True)},
+            prompts=mitigated.prompts,
+            mitigation=mitigated.mitigation,
         )
 
     def detect(

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from detect.cli import add_detect_commands
 from hf_datasets.cli import add_data_commands
 from hf_datasets.cliutils import run_command, setup_logging
+from mitigate.cli import add_mitigate_commands
 from scripts.demo import add_demo_command
 from train.cli import add_model_command, add_train_command
 
@@ -24,13 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{demo,data,model,train,detect,tokens,neurons,similarity}",
+        metavar="{demo,data,model,train,detect,tokens,neurons,similarity,mitigate}",
     )
     add_demo_command(subparsers)
     add_data_commands(subparsers)
     add_model_command(subparsers)
     add_train_command(subparsers)
     add_detect_commands(subparsers)
+    add_mitigate_commands(subparsers)
     return parser
 
 

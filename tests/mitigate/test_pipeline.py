@@ -54,3 +54,32 @@ def test_from_pipe_shares_components_and_explains_tokens(tiny_model: Path) -> No
         PROMPTS[0], TokenConfig(steps=1, num_generations=1, num_inference_steps=4)
     )
     assert significance.words[:2] == ["frontal", "pa"] and (significance.scores > 0).all()
+
+
+def test_diffusers_custom_pipeline_loads_the_same_class(tiny_model: Path) -> None:
+    from diffusers import DiffusionPipeline
+
+    from mitigate.pipeline import CUSTOM_PIPELINE
+
+    pipe = DiffusionPipeline.from_pretrained(
+        tiny_model, custom_pipeline=CUSTOM_PIPELINE, trust_remote_code=True, local_files_only=True
+    )
+    assert type(pipe).__name__ == "CxrMemPipeline"
+    ours = CxrMemPipeline.from_pretrained(tiny_model, local_files_only=True)
+    a = pipe(PROMPTS[0], num_images_per_prompt=1, num_inference_steps=2, output_type="latent")
+    b = ours(PROMPTS[0], num_images_per_prompt=1, num_inference_steps=2, output_type="latent")
+    torch.testing.assert_close(a.images[0], b.images[0])
+    assert a.scores == b.scores
+
+
+def test_mitigation_by_name_and_unknown_name(pipe: CxrMemPipeline) -> None:
+    from hf_datasets.errors import ChexmemError
+
+    plain = pipe(PROMPTS[0], num_images_per_prompt=1, num_inference_steps=2, output_type="latent")
+    none = pipe(
+        PROMPTS[0], num_images_per_prompt=1, num_inference_steps=2, output_type="latent",
+        mitigation="none",
+    )  # fmt: skip
+    assert none.mitigation == {"method": "none"} and none.scores == plain.scores
+    with pytest.raises(ChexmemError, match="unknown mitigation"):
+        pipe(PROMPTS[0], num_inference_steps=2, mitigation="nope")

@@ -1,0 +1,272 @@
+"""`chexmem mitigate generate | prune | evaluate`: inference-time mitigation and edited models.
+
+- ``generate``: a prompt set generated with one mitigation (``--method NAME[:key=value,...]``),
+  with images, magnitudes and the prompts actually used;
+- ``prune``: a new model folder with NEMO's neurons zeroed in W_v (``--neurons`` is the
+  ``neurons.json`` of ``chexmem neurons``, or a plain {layer: [channels]} file);
+- ``evaluate``: several methods against no mitigation on the same prompts, seeds and copy
+  threshold (`mitigate.evaluate`), as a table.
+
+The embedding adjustment's stopping target is calibrated on held-out prompts unless given
+(``--method embedding:target=...``): the 95th percentile of their step-1 scores.
+Training-time mitigation is a set of trainer flags (``chexmem train --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from detect.cli import (
+    add_model_flags,
+    add_prompt_flags,
+    add_trajectory_flags,
+    write_json,
+    write_table,
+)
+from hf_datasets.cliutils import add_config_flag
+from hf_datasets.errors import ChexmemError
+
+
+def parse_method(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """``label=name:key=value,...`` -> (label, name, settings); values are read as JSON."""
+    head, _, options = spec.partition(":")
+    label, _, name = head.rpartition("=")
+    settings: dict[str, Any] = {}
+    for item in filter(None, options.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ChexmemError(f"method option {item!r} in {spec!r} must be key=value")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return label or _default_label(name, settings), name, settings
+
+
+def _default_label(name: str, settings: dict[str, Any]) -> str:
+    """A readable row name: the method and its settings."""
+    return name + "".join(f"_{k}{v}" for k, v in settings.items() if k != "target")
+
+
+def calibration_scores(pipe: Any, prompts: list[str], config: Any) -> np.ndarray:
+    """Step-1 scores of held-out prompts (prompt ids after the evaluated ones' range)."""
+    from detect.magnitude import noise_magnitudes
+
+    ids = list(range(100_000, 100_000 + len(prompts)))
+    return noise_magnitudes(pipe, prompts, config, ids).scores(first_k=1).to_numpy()
+
+
+def build_method(
+    name: str, settings: dict[str, Any], pipe: Any, config: Any, args: argparse.Namespace
+) -> Any:
+    """A mitigation object, with its target or neuron set filled in from the flags."""
+    from mitigate.registry import make_mitigation
+
+    settings = dict(settings)
+    if name == "embedding" and settings.get("target") is None:
+        held_out = held_out_prompts(args)
+        from mitigate.embedding import calibrate_target
+
+        scores = calibration_scores(pipe, held_out, config)
+        settings["target"] = calibrate_target(scores, args.target_quantile)
+        print(f"embedding target {settings['target']:.4f} (q{args.target_quantile} of held-out)")
+    if name == "neurons":
+        from mitigate.neurons import NeuronDeactivation
+
+        if not args.neurons:
+            raise ChexmemError("--method neurons needs --neurons (from `chexmem neurons`)")
+        return NeuronDeactivation.from_json(args.neurons, **settings)
+    return make_mitigation(name, **settings)
+
+
+def held_out_prompts(args: argparse.Namespace) -> list[str]:
+    """Prompts of non-memorized data to calibrate targets on."""
+    from detect.prompt_sets import load_prompt_set
+
+    if not (args.calibration_prompts or args.calibration_dataset):
+        raise ChexmemError(
+            "the embedding target needs held-out prompts: --calibration_prompts or "
+            "--calibration_dataset (or give embedding:target=VALUE)"
+        )
+    frame = load_prompt_set(
+        args.calibration_prompts, args.calibration_dataset, args.calibration_split, None
+    )
+    return list(frame["prompt"][: args.num_calibration])
+
+
+def trajectory_config(args: argparse.Namespace) -> Any:
+    """The sampling trajectory every method shares."""
+    from detect.magnitude import MagnitudeConfig
+
+    return MagnitudeConfig(
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        num_generations=args.num_generations,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Generate a prompt set with one mitigation; save images, magnitudes and a summary."""
+    from detect.cli import DTYPES
+    from detect.magnitude import decode_latents
+    from detect.models import load_pipeline
+    from detect.prompt_sets import load_prompt_set
+    from mitigate.base import generate
+
+    prompts = load_prompt_set(args.prompts, args.dataset, args.split, args.num_prompts)
+    pipe = load_pipeline(args.model, dtype=DTYPES[args.dtype])
+    config = trajectory_config(args)
+    label, name, settings = parse_method(args.method)
+    mitigation = build_method(name, settings, pipe, config, args)
+    ids = [int(i) for i in prompts["prompt_id"]]
+    result = generate(pipe, list(prompts["prompt"]), config, mitigation, ids)
+    out = Path(args.output_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    files = []
+    images = decode_latents(pipe, result.result.final_latents, args.batch_size)
+    keys = [(i, j) for i in ids for j in range(config.num_generations)]
+    for image, (prompt_id, generation) in zip(images, keys, strict=True):
+        files.append((prompt_id, generation, f"images/p{prompt_id:05d}_g{generation:02d}.png"))
+        image.save(out / files[-1][2])
+    write_table(result.result.table, out, "magnitudes")
+    used = prompts.assign(used_prompt=result.prompts)
+    used["score"] = used["prompt_id"].map(result.result.scores(first_k=1))
+    write_table(used, out, "prompts")
+    write_table(
+        pd.DataFrame(files, columns=["prompt_id", "generation", "file_name"]), out, "images"
+    )
+    write_json(
+        {
+            "model": args.model,
+            "method": label,
+            "mitigation": result.mitigation,
+            "seconds_per_prompt": round(result.seconds_per_prompt, 4),
+            "seconds_mitigation": round(result.seconds_mitigation, 3),
+            "mean_score": float(used["score"].mean()),
+        },
+        out / "summary.json",
+    )
+    print(f"{label}: mean step-1 score {used['score'].mean():.4f}, {len(images)} images in {out}/")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    """Zero NEMO's neurons in W_v for good and save the edited model folder."""
+    from mitigate.neurons import NeuronDeactivation, prune_model
+
+    method = NeuronDeactivation.from_json(args.neurons, min_frequency=args.min_frequency)
+    start = time.perf_counter()
+    out = prune_model(args.model, method.neurons, args.output_dir, overwrite=args.overwrite)
+    count = sum(len(c) for c in method.neurons.values())
+    print(f"{count} neurons zeroed; model saved to {out} in {time.perf_counter() - start:.1f} s")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Every method against no mitigation on the same prompts, seeds and copy threshold."""
+    from detect.cli import DTYPES
+    from detect.models import load_pipeline
+    from detect.similarity import NCCEmbedder, TrainingBank, calibrate_threshold
+    from hf_datasets.storage import load_dataset_dir
+    from mitigate.evaluate import EvaluationSetup, evaluate_methods
+
+    frame = pd.read_csv(args.prompts)
+    if "group" not in frame:
+        frame["group"] = "all"
+    dataset = load_dataset_dir(args.dataset)
+    train, heldout = dataset[args.split], dataset[args.heldout_split]
+    embedder = NCCEmbedder(size=args.size)
+    bank = TrainingBank.from_images(train["image"], embedder, patient_ids=train["patient_id"])
+    threshold = args.copy_threshold or calibrate_threshold(
+        heldout["image"], bank, embedder, args.percentile
+    )
+    print(f"copy threshold {threshold:.4f} ({embedder.name})")
+    pipe = load_pipeline(args.model, dtype=DTYPES[args.dtype])
+    config = trajectory_config(args)
+    if "own_index" not in frame and "train_index" in frame:
+        frame["own_index"] = frame["train_index"]
+    setup = EvaluationSetup(frame, bank, embedder, threshold, config)
+    methods = {}
+    for spec in args.methods:
+        label, name, settings = parse_method(spec)
+        methods[label] = build_method(name, settings, pipe, config, args)
+    report = evaluate_methods(pipe, setup, methods)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(report.table, out, "mitigation")
+    per_prompt = pd.concat(
+        [run.per_prompt.assign(method=name) for name, run in report.runs.items()]
+    )
+    write_table(per_prompt, out, "mitigation_per_prompt")
+    write_json(
+        {
+            "model": args.model,
+            "threshold": threshold,
+            "embedder": report.embedder,
+            "methods": {name: run.description for name, run in report.runs.items()},
+            "table": report.table.to_dict(orient="records"),
+        },
+        out / "mitigation.json",
+    )
+    columns = ["method", "group", "copy_rate", "own_similarity", "diversity", "score"]
+    print(report.table[[*columns, "seconds_per_prompt"]].to_string(index=False))
+
+
+def add_calibration_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the held-out prompts that calibrate the embedding target."""
+    p.add_argument("--calibration_prompts", help="held-out (non-memorized) prompt file")
+    p.add_argument("--calibration_dataset", help="...or a dataset with a held-out split")
+    p.add_argument("--calibration_split", default="test")
+    p.add_argument("--num_calibration", type=int, default=64)
+    p.add_argument("--target_quantile", type=float, default=0.95)
+    p.add_argument("--neurons", help="neurons.json of `chexmem neurons` (for method neurons)")
+
+
+def add_mitigate_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `chexmem mitigate ...`."""
+    top = subparsers.add_parser("mitigate", help="reduce memorization at inference time")
+    commands = top.add_subparsers(dest="mitigate_command", required=True)
+
+    p = commands.add_parser("generate", help="generate a prompt set with one mitigation")
+    add_model_flags(p)
+    add_prompt_flags(p)
+    add_trajectory_flags(p, generations=4)
+    p.add_argument("--method", required=True, help="NAME[:key=value,...], e.g. random_tokens")
+    add_calibration_flags(p)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--output_dir", default="chexmem-mitigate")
+    add_config_flag(p)
+    p.set_defaults(func=cmd_generate, _parser=p)
+
+    p = commands.add_parser("prune", help="save a model with memorization neurons zeroed")
+    add_model_flags(p)
+    p.add_argument("--neurons", required=True, help="neurons.json of `chexmem neurons`")
+    p.add_argument("--min_frequency", type=int, default=1, help="keep neurons of >= N prompts")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    add_config_flag(p)
+    p.set_defaults(func=cmd_prune, _parser=p)
+
+    p = commands.add_parser("evaluate", help="compare mitigations on the same prompts and seeds")
+    add_model_flags(p)
+    p.add_argument("--prompts", required=True, help="CSV: prompt, group, own_index (optional)")
+    p.add_argument("--dataset", required=True, help="the saved training dataset")
+    p.add_argument("--split", default="train")
+    p.add_argument("--heldout_split", default="test", help="real images for the copy threshold")
+    p.add_argument("--methods", nargs="+", default=["none", "random_tokens", "attention_scaling"])
+    add_trajectory_flags(p, generations=4)
+    add_calibration_flags(p)
+    p.add_argument("--size", type=int, default=64, help="NCC comparison size")
+    p.add_argument("--percentile", type=float, default=95.0)
+    p.add_argument("--copy_threshold", type=float, help="(default: calibrated)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--output_dir", default="chexmem-mitigate")
+    add_config_flag(p)
+    p.set_defaults(func=cmd_evaluate, _parser=p)

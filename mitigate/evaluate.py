@@ -1,0 +1,162 @@
+"""Every mitigation against no mitigation, on the same prompts, seeds and copy threshold.
+
+`evaluate_methods` generates each prompt group with each method (`mitigate.base.generate`:
+identical starting latents for all), matches every generation to the training set with one
+embedder and one calibrated copy threshold, and reports per method and group: copy rate,
+similarity to the prompt's own training image, nearest-training similarity, diversity, the
+step-1 detection score after mitigation, FID / KID against real images with a named feature
+extractor, conditioning fidelity (a findings classifier applied to the generations) and
+runtime per prompt. Relative changes against the "none" row are added when it was run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from detect.magnitude import MagnitudeConfig, decode_latents
+from detect.similarity import Embedder, TrainingBank, match_generations, prompt_diversity
+from hf_datasets.errors import ChexmemError
+from mitigate.base import Mitigation, generate
+
+# A quality measure: (real images, generated images) -> {metric: value}
+QualityFn = Callable[[list[Any], list[Any]], dict[str, float]]
+# A conditioning measure: (generated images, (N, findings) labels of their prompts) -> value
+FidelityFn = Callable[[list[Any], np.ndarray], float]
+
+
+@dataclass
+class EvaluationSetup:
+    """What stays fixed across methods: prompts, seeds, training bank, threshold, metrics."""
+
+    prompts: pd.DataFrame  # columns: prompt, group; optional own_index (bank row, -1 unknown)
+    bank: TrainingBank
+    embedder: Embedder
+    threshold: float  # copy threshold, calibrated once (detect.similarity.calibrate_threshold)
+    config: MagnitudeConfig = field(default_factory=MagnitudeConfig)
+    real_images: list[Any] | None = None  # reference set for quality
+    quality: QualityFn | None = None
+    labels: np.ndarray | None = None  # (prompts, findings) with 1 / 0 / nan, for fidelity
+    fidelity: FidelityFn | None = None
+    score_steps: int = 1
+
+    def __post_init__(self) -> None:
+        missing = {"prompt", "group"} - set(self.prompts.columns)
+        if missing:
+            raise ChexmemError(f"the prompt table needs the columns {sorted(missing)}")
+        if self.labels is not None and len(self.labels) != len(self.prompts):
+            raise ChexmemError("labels must have one row per prompt")
+
+
+@dataclass
+class MethodRun:
+    """One method's generations and their matches."""
+
+    name: str
+    images: list[Any]  # grouped by prompt, config.num_generations each
+    matches: pd.DataFrame  # match_generations' table plus group
+    per_prompt: pd.DataFrame
+    seconds_per_prompt: float
+    description: dict[str, Any]
+
+
+@dataclass
+class MitigationReport:
+    """The comparison table and every method's runs."""
+
+    table: pd.DataFrame  # one row per (method, group)
+    runs: dict[str, MethodRun]
+    threshold: float
+    embedder: str
+
+
+def run_method(pipe: Any, setup: EvaluationSetup, name: str, mitigation: Mitigation) -> MethodRun:
+    """Generate every prompt with one method and match its generations to the training set."""
+    prompts = setup.prompts
+    ids = list(range(len(prompts)))
+    mitigated = generate(pipe, list(prompts["prompt"]), setup.config, mitigation, ids)
+    images = decode_latents(pipe, mitigated.result.final_latents)
+    n = setup.config.num_generations
+    generation_prompt = np.repeat(ids, n)
+    own = prompts["own_index"].to_numpy() if "own_index" in prompts else None
+    features = setup.embedder.embed(images)
+    matches = match_generations(
+        features,
+        setup.bank,
+        generation_prompt,
+        embedder=setup.embedder,
+        threshold=setup.threshold,
+        own_index=None
+        if own is None
+        else [None if i < 0 else int(i) for i in own[generation_prompt]],
+    )
+    matches["group"] = prompts["group"].to_numpy()[generation_prompt]
+    per_prompt = prompts[["prompt", "group"]].copy()
+    per_prompt["used_prompt"] = mitigated.prompts
+    per_prompt["score"] = mitigated.result.scores(first_k=setup.score_steps)
+    grouped = matches.groupby("prompt_id")
+    per_prompt["copy_rate"] = grouped["is_copy"].apply(lambda f: float(f.astype(bool).mean()))
+    per_prompt["nearest_similarity"] = grouped["nearest_similarity"].mean()
+    per_prompt["own_similarity"] = grouped["own_similarity"].mean()
+    per_prompt["diversity"] = prompt_diversity(features, generation_prompt, setup.embedder)
+    return MethodRun(
+        name, images, matches, per_prompt, mitigated.seconds_per_prompt, mitigated.mitigation
+    )
+
+
+def summarise(run: MethodRun, setup: EvaluationSetup) -> list[dict[str, Any]]:
+    """One row per prompt group of a method's run."""
+    rows = []
+    n = setup.config.num_generations
+    for group, prompts in run.per_prompt.groupby("group", sort=False):
+        row: dict[str, Any] = {
+            "method": run.name,
+            "group": group,
+            "prompts": len(prompts),
+            "copy_rate": float(run.matches.loc[run.matches["group"] == group, "is_copy"].mean()),
+            "own_similarity": float(prompts["own_similarity"].mean()),
+            "nearest_similarity": float(prompts["nearest_similarity"].mean()),
+            "diversity": float(prompts["diversity"].mean()),
+            "score": float(prompts["score"].mean()),
+            "seconds_per_prompt": run.seconds_per_prompt,
+        }
+        images = [run.images[i * n + j] for i in prompts.index for j in range(n)]
+        if setup.quality is not None and setup.real_images:
+            row.update(setup.quality(setup.real_images, images))
+        if setup.fidelity is not None and setup.labels is not None:
+            labels = np.repeat(setup.labels[prompts.index.to_numpy()], n, axis=0)
+            row["fidelity"] = setup.fidelity(images, labels)
+        rows.append(row)
+    return rows
+
+
+def relative_changes(table: pd.DataFrame, baseline: str = "none") -> pd.DataFrame:
+    """Add each metric's relative change against the baseline method of the same group."""
+    if baseline not in set(table["method"]):
+        return table
+    base = table[table["method"] == baseline].set_index("group")
+    out = table.copy()
+    for metric in ("copy_rate", "fid", "kid_mean"):
+        if metric not in table:
+            continue
+        reference = out["group"].map(base[metric])
+        out[f"{metric}_change"] = (out[metric] - reference) / reference.where(reference != 0)
+    return out
+
+
+def evaluate_methods(
+    pipe: Any, setup: EvaluationSetup, methods: Mapping[str, Mitigation]
+) -> MitigationReport:
+    """Run and summarise every method (put "none" first to get relative changes)."""
+    runs: dict[str, MethodRun] = {}
+    rows: list[dict[str, Any]] = []
+    for name, mitigation in tqdm(methods.items(), desc="mitigations", disable=len(methods) < 2):
+        runs[name] = run_method(pipe, setup, name, mitigation)
+        rows += summarise(runs[name], setup)
+    table = relative_changes(pd.DataFrame(rows))
+    return MitigationReport(table, runs, setup.threshold, setup.embedder.name)

@@ -1,0 +1,36 @@
+"""Inference-time mitigations by name, so configs and the command line can choose them."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from hf_datasets.errors import ChexmemError
+from mitigate.base import Mitigation
+
+# name -> "module:Class"; imported on first use
+MITIGATIONS = {
+    "none": "mitigate.base:Mitigation",
+    "embedding": "mitigate.embedding:EmbeddingAdjustment",
+    "neurons": "mitigate.neurons:NeuronDeactivation",
+    "trigger_tokens": "mitigate.tokens:TriggerTokenEdit",
+    "random_tokens": "mitigate.tokens:RandomTokenAddition",
+    "attention_scaling": "mitigate.attention:AttentionScaling",
+}
+
+
+def mitigation_class(name: str) -> type[Mitigation]:
+    """The class registered under `name`."""
+    if name not in MITIGATIONS:
+        raise ChexmemError(f"unknown mitigation {name!r}; choose one of {', '.join(MITIGATIONS)}")
+    module, cls = MITIGATIONS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_mitigation(name: str, **settings: Any) -> Mitigation:
+    """A mitigation by name with its settings (the class's defaults for the rest)."""
+    cls = mitigation_class(name)
+    try:
+        return cls(**settings)
+    except TypeError as error:
+        raise ChexmemError(f"bad settings for mitigation {name!r}: {error}") from None

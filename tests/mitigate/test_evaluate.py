@@ -1,0 +1,101 @@
+"""mitigate.evaluate and `chexmem mitigate`: same prompts, seeds and threshold for every method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from detect.magnitude import MagnitudeConfig
+from detect.models import load_pipeline
+from detect.similarity import NCCEmbedder, TrainingBank
+from hf_datasets.storage import load_dataset_dir
+from mitigate.base import Mitigation, generate
+from mitigate.evaluate import EvaluationSetup, evaluate_methods
+from scripts.cli import main
+
+CONFIG = MagnitudeConfig(num_inference_steps=3, num_generations=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def setup(phantom_data: Path) -> EvaluationSetup:
+    """Four training prompts in two groups, matched against the whole training split."""
+    train = load_dataset_dir(phantom_data)["train"]
+    embedder = NCCEmbedder()
+    bank = TrainingBank.from_images(train["image"], embedder, patient_ids=train["patient_id"])
+    prompts = pd.DataFrame(
+        {
+            "prompt": train["prompt"][:4],
+            "group": ["memorized", "memorized", "ordinary", "ordinary"],
+            "own_index": [0, 1, 2, -1],
+        }
+    )
+    return EvaluationSetup(prompts, bank, embedder, threshold=0.5, config=CONFIG)
+
+
+class Shout(Mitigation):
+    """A rewrite that changes every prompt: enough to see the table move."""
+
+    name = "shout"
+
+    def rewrite(self, pipe, prompts, prompt_ids):  # type: ignore[no-untyped-def]
+        return [p.upper() + " LOUD LOUD" for p in prompts]
+
+
+def test_every_method_gets_a_row_per_group_and_changes_against_none(
+    tiny_model: Path, setup: EvaluationSetup
+) -> None:
+    pipe = load_pipeline(tiny_model)
+    report = evaluate_methods(pipe, setup, {"none": Mitigation(), "shout": Shout()})
+    table = report.table.set_index(["method", "group"])
+    assert set(table.index) == {
+        (m, g) for m in ("none", "shout") for g in ("memorized", "ordinary")
+    }
+    assert table.loc[("none", "memorized"), "prompts"] == 2
+    assert (table["copy_rate"].between(0, 1)).all()
+    none = table.loc[("none", "memorized")]
+    assert none["copy_rate_change"] == 0 or np.isnan(none["copy_rate_change"])
+    runs = report.runs
+    assert runs["shout"].per_prompt["used_prompt"].str.endswith("LOUD LOUD").all()
+    # the own image is known for three prompts only
+    assert runs["none"].per_prompt["own_similarity"].isna().sum() == 1
+    # the same seeds as a plain generation: the unmitigated scores are reproduced
+    plain = generate(pipe, list(setup.prompts["prompt"]), CONFIG)
+    np.testing.assert_allclose(
+        runs["none"].per_prompt["score"].to_numpy(), plain.result.scores().to_numpy()
+    )
+
+
+def test_cli_generate_and_evaluate(tiny_model: Path, phantom_data: Path, tmp_path: Path) -> None:
+    train = load_dataset_dir(phantom_data)["train"]
+    prompts = tmp_path / "prompts.csv"
+    pd.DataFrame(
+        {"prompt": train["prompt"][:2], "group": ["memorized", "ordinary"], "own_index": [0, 1]}
+    ).to_csv(prompts, index=False)
+    common = ["--model", str(tiny_model), "--num_inference_steps", "2", "--num_generations", "1"]
+    out = tmp_path / "gen"
+    code = main(["mitigate", "generate", *common, "--prompts", str(prompts),
+                 "--method", "none", "--output_dir", str(out)])  # fmt: skip
+    assert code == 0
+    assert len(list((out / "images").glob("*.png"))) == 2
+    assert json.loads((out / "summary.json").read_text())["mitigation"] == {"method": "none"}
+
+    out = tmp_path / "eval"
+    code = main(["mitigate", "evaluate", *common, "--prompts", str(prompts), "--dataset",
+                 str(phantom_data), "--methods", "none", "--output_dir", str(out)])  # fmt: skip
+    assert code == 0
+    table = pd.read_csv(out / "mitigation.csv")
+    assert list(table["group"]) == ["memorized", "ordinary"]
+    assert json.loads((out / "mitigation.json").read_text())["threshold"] > 0
+
+
+def test_cli_names_what_is_missing(tiny_model: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Frontal PA chest radiograph.\n")
+    code = main(["mitigate", "generate", "--model", str(tiny_model), "--prompts", str(prompts),
+                 "--method", "embedding", "--num_inference_steps", "2"])  # fmt: skip
+    assert code == 2
+    assert "held-out prompts" in capsys.readouterr().err
