@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 
 from detect.classifier import FindingsClassifier
-from detect.similarity import TorchEmbedder, pixels
+from detect.similarity import TorchEmbedder
 from hf_datasets.errors import ChexmemError
 from hf_datasets.images import to_grayscale
 
@@ -111,6 +111,7 @@ class TorchFeatures:
             std=std,
             features=output,
             name=name,
+            normalize=l2_normalize,
         )
         self.name = name
         self.l2_normalize = l2_normalize
@@ -118,24 +119,7 @@ class TorchFeatures:
     @torch.no_grad()
     def features(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(N, D) float32 rows."""
-        images = list(images)
-        if self.l2_normalize:
-            return self.embedder.embed(images)
-        e = self.embedder
-        parameter = next(e.module.parameters(), None)
-        dtype = parameter.dtype if parameter is not None else torch.float32
-        rows = []
-        for start in range(0, len(images), e.batch_size):
-            # TorchEmbedder._encode, without its L2 normalisation
-            batch = list(images[start : start + e.batch_size])
-            x = torch.from_numpy(pixels(batch, e.size))[:, None].repeat(1, e.channels, 1, 1)
-            out = e.module(((x - e.mean) / e.std).to(e.device, dtype))
-            if e.features is not None:
-                out = e.features(out)
-            elif isinstance(out, (tuple, list)):
-                out = out[0]
-            rows.append(out.float().flatten(1).cpu().numpy())
-        return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+        return self.embedder.embed(images)
 
 
 def inception_weights_path(weights_path: str | Path | None = None) -> Path:

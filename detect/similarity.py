@@ -319,6 +319,7 @@ class TorchEmbedder(DotEmbedder):
         std: float | Sequence[float] = 1.0,
         features: Callable[[Any], torch.Tensor] | None = None,
         name: str | None = None,
+        normalize: bool = True,
     ) -> None:
         if size < 1 or batch_size < 1 or channels < 1:
             raise ChexmemError("size, batch_size and channels must be at least 1")
@@ -328,11 +329,12 @@ class TorchEmbedder(DotEmbedder):
         self.mean = torch.tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
         self.features = features
+        self.normalize = normalize  # False: raw features (FID needs them unscaled)
         self.name = name or f"torch-{type(module).__name__}-{size}"
 
     @torch.no_grad()
     def embed(self, images: Iterable[Image.Image]) -> np.ndarray:
-        """(N, D) unit-norm encoder features."""
+        """(N, D) encoder features (unit-norm unless `normalize` is False)."""
         parameter = next(self.module.parameters(), None)
         dtype = parameter.dtype if parameter is not None else torch.float32
         rows: list[np.ndarray] = []
@@ -349,7 +351,7 @@ class TorchEmbedder(DotEmbedder):
         return np.concatenate(rows)
 
     def _encode(self, images: list[Image.Image], dtype: torch.dtype) -> np.ndarray:
-        """Unit-norm features of one batch."""
+        """Features of one batch."""
         x = torch.from_numpy(pixels(images, self.size))[:, None].repeat(1, self.channels, 1, 1)
         x = ((x - self.mean) / self.std).to(self.device, dtype)
         out = self.module(x)
@@ -357,7 +359,9 @@ class TorchEmbedder(DotEmbedder):
             out = self.features(out)
         elif isinstance(out, (tuple, list)):
             out = out[0]
-        out = F.normalize(out.float().flatten(1), dim=1)
+        out = out.float().flatten(1)
+        if self.normalize:
+            out = F.normalize(out, dim=1)
         return out.cpu().numpy().astype(np.float32)
 
 
