@@ -22,8 +22,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         card = write_model_card(result.output_dir)
         print(
             f"trained {result.global_step} steps in {result.seconds:.0f} s; "
-            f"final loss {result.final_loss:.4f}"
+            f"final loss {result.final_loss:.4f}; trained {result.trainable_share:.3%} of the "
+            "parameters"
         )
+        if result.samples_seen:
+            print(
+                f"memorization filter: dropped {result.samples_dropped} of "
+                f"{result.samples_seen} samples"
+            )
         print(f"saved to {result.output_dir}: {', '.join(result.files)}, {card.name}")
         if config.push_to_hub:
             print(

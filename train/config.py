@@ -17,6 +17,9 @@ from typing import Any
 from hf_datasets.errors import ChexmemError
 
 MODES = ("full", "lora", "subset")
+# the names mitigate.training.CAPTION_AUGMENTATIONS defines (kept here so that parsing flags
+# does not import torch)
+CAPTION_AUGMENTATIONS = ("random_caption", "random_word_addition")
 LR_SCHEDULERS = (
     "constant",
     "constant_with_warmup",
@@ -60,8 +63,18 @@ class TrainConfig:
     )
     trainable_params: list[str] = field(default_factory=list)
     trainable_mask: str | None = None
+    # a named capacity preset (train.subset.PRESETS): a parameter subset, or LoRA of a rank
+    trainable_preset: str | None = None
     # classifier-free guidance: share of training prompts replaced by the empty prompt
     conditioning_dropout_prob: float = 0.1
+    # training-time mitigation (mitigate.training): drop samples whose text-conditional noise
+    # magnitude is >= a threshold, or the top fraction of each micro-batch (Wen et al.)
+    memorization_filter_threshold: float | None = None
+    memorization_filter_top_fraction: float | None = None
+    # caption randomisation (Somepalli et al.): random_caption or random_word_addition
+    caption_augmentation: str | None = None
+    caption_augmentation_prob: float = 0.1
+    caption_augmentation_words: int = 1
     # optimisation
     train_batch_size: int = 16
     num_train_epochs: int = 100
@@ -116,12 +129,18 @@ class TrainConfig:
         """Reject impossible combinations with one clear message."""
         if self.mode not in MODES:
             raise ChexmemError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        if self.mode == "subset" and not (self.trainable_params or self.trainable_mask):
+        if self.trainable_preset:
+            self.resolve_preset()
+        if self.mode == "subset" and not (
+            self.trainable_params or self.trainable_mask or self.trainable_preset
+        ):
             raise ChexmemError(
-                "--mode subset needs --trainable_params PATTERN... or --trainable_mask FILE"
+                "--mode subset needs --trainable_params PATTERN..., --trainable_mask FILE "
+                "or --trainable_preset NAME"
             )
         if self.mode != "subset" and (self.trainable_params or self.trainable_mask):
             raise ChexmemError("--trainable_params / --trainable_mask need --mode subset")
+        self.validate_mitigation()
         if not 0.0 <= self.conditioning_dropout_prob < 1.0:
             raise ChexmemError("--conditioning_dropout_prob must be in [0, 1)")
         if self.cache_latents and self.random_flip:
@@ -139,6 +158,61 @@ class TrainConfig:
             raise ChexmemError("--train_batch_size and --gradient_accumulation_steps must be >= 1")
         if self.push_to_hub and not self.hub_model_id:
             raise ChexmemError("--push_to_hub needs --hub_model_id (e.g. you/chexpert-sd15-lora)")
+
+    def resolve_preset(self) -> None:
+        """Set the mode (and LoRA rank) a --trainable_preset implies; refuse contradictions.
+
+        A preset replaces the default --mode full: a subset preset means --mode subset, a LoRA
+        preset means --mode lora with its rank.
+        """
+        from train.subset import preset
+
+        chosen = preset(self.trainable_preset)
+        wanted = "lora" if chosen.lora_rank is not None else "subset"
+        if self.mode not in ("full", wanted):
+            raise ChexmemError(
+                f"--trainable_preset {self.trainable_preset} means --mode {wanted}, "
+                f"not --mode {self.mode}"
+            )
+        if chosen.lora_rank is not None:
+            if self.rank not in (chosen.lora_rank, TrainConfig.rank):
+                raise ChexmemError(
+                    f"--trainable_preset {self.trainable_preset} means --rank "
+                    f"{chosen.lora_rank}; drop --rank {self.rank} or the preset"
+                )
+            self.rank = chosen.lora_rank
+        self.mode = wanted
+
+    def validate_mitigation(self) -> None:
+        """The memorization filter and caption augmentation options."""
+        threshold = self.memorization_filter_threshold
+        fraction = self.memorization_filter_top_fraction
+        if threshold is not None and fraction is not None:
+            raise ChexmemError(
+                "give --memorization_filter_threshold or --memorization_filter_top_fraction, "
+                "not both"
+            )
+        if threshold is not None and not threshold >= 0:
+            raise ChexmemError("--memorization_filter_threshold must be >= 0")
+        if fraction is not None and not 0 < fraction < 1:
+            raise ChexmemError("--memorization_filter_top_fraction must be in (0, 1)")
+        if self.caption_augmentation not in (None, *CAPTION_AUGMENTATIONS):
+            raise ChexmemError(
+                "--caption_augmentation must be one of "
+                f"{', '.join(CAPTION_AUGMENTATIONS)}, not {self.caption_augmentation!r}"
+            )
+        if not 0.0 <= self.caption_augmentation_prob <= 1.0:
+            raise ChexmemError("--caption_augmentation_prob must be in [0, 1]")
+        if self.caption_augmentation_words < 1:
+            raise ChexmemError("--caption_augmentation_words must be >= 1")
+
+    @property
+    def memorization_filter(self) -> bool:
+        """Whether the run drops high-magnitude samples."""
+        return (
+            self.memorization_filter_threshold is not None
+            or self.memorization_filter_top_fraction is not None
+        )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

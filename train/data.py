@@ -1,8 +1,13 @@
-"""Training data: a chexmem / Hub / image-folder dataset as normalised tensors and token ids."""
+"""Training data: a chexmem / Hub / image-folder dataset as normalised tensors and token ids.
+
+The trainer reads rows through `TrainRows`: images are decoded (or their cached latents
+read) and captions tokenized on every access, so caption augmentation is fresh each epoch.
+"""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,7 @@ from transformers import CLIPTokenizer
 from hf_datasets.errors import ChexmemError
 from hf_datasets.images import resize_shorter_side, to_grayscale
 from hf_datasets.storage import load_dataset_dir
+from mitigate.training import CaptionAugment, vocabulary_words
 from train.config import TrainConfig
 
 
@@ -76,9 +82,12 @@ def image_to_tensor(
 
 
 class TrainTransform:
-    """Batch transform for `Dataset.with_transform` (a class: DataLoader workers pickle it).
+    """Turns training rows into pixel values, token ids and bookkeeping fields.
 
-    With ``pixels=False`` images are not decoded (their latents come from a `LatentCache`).
+    A class, not a closure: DataLoader workers pickle it. With ``pixels=False`` images are not
+    decoded (their latents come from the cache). With ``--caption_augmentation`` each caption
+    is randomised by `mitigate.training.CaptionAugment` from (seed, epoch, row index): the
+    rows' indices must be given (`TrainRows` does) and the trainer sets the epoch.
     """
 
     def __init__(
@@ -91,15 +100,39 @@ class TrainTransform:
         self.image_column = config.image_column
         self.caption_column = config.caption_column
         self.pixels = pixels
+        self.augment = caption_augment(config, tokenizer)
+        self.epoch = 0
 
-    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, Any]:
-        """Pixel values, token ids, and the row's index-independent id for logging."""
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch caption augmentation draws for (each epoch sees fresh captions)."""
+        self.epoch = epoch
+
+    def __call__(
+        self, batch: dict[str, list[Any]], rows: Sequence[int] | None = None
+    ) -> dict[str, Any]:
+        """Pixel values, token ids, the captions used, `copies`, and an index-independent id.
+
+        The id (`sample_id`) is the row's `source_path`, else its original caption, so that
+        the copies of a duplicated image share it.
+        """
         captions = [
             c if isinstance(c, str) else random.choice(c) for c in batch[self.caption_column]
         ]
-        ids = tokenize(self.tokenizer, captions)
         sample_ids = batch.get("source_path") or captions
-        out: dict[str, Any] = {"input_ids": list(ids), "sample_id": list(sample_ids)}
+        used = captions
+        if self.augment is not None:
+            if rows is None:
+                raise ChexmemError("caption augmentation needs the rows' indices (use TrainRows)")
+            used = [
+                self.augment(c, int(r), self.epoch) for c, r in zip(captions, rows, strict=True)
+            ]
+        copies = batch.get("copies") or [1] * len(captions)
+        out: dict[str, Any] = {
+            "input_ids": list(tokenize(self.tokenizer, used)),
+            "sample_id": list(sample_ids),
+            "caption": used,
+            "copies": [int(c) for c in copies],
+        }
         if self.pixels:
             out["pixel_values"] = [
                 image_to_tensor(img, self.resolution, self.center_crop, self.random_flip)
@@ -108,23 +141,57 @@ class TrainTransform:
         return out
 
 
-class LatentCache(torch.utils.data.Dataset):
-    """Training rows whose images were encoded once (``--cache_latents``).
+def caption_augment(config: TrainConfig, tokenizer: CLIPTokenizer) -> CaptionAugment | None:
+    """The caption randomisation `--caption_augmentation` asks for (None: captions as given)."""
+    if not config.caption_augmentation:
+        return None
+    return CaptionAugment(
+        config.caption_augmentation,
+        vocabulary_words(tokenizer),
+        prob=config.caption_augmentation_prob,
+        num_words=config.caption_augmentation_words,
+        seed=config.seed,
+    )
 
-    Each row carries the VAE posterior's parameters (mean and log-variance, as
-    `DiagonalGaussianDistribution` takes them) instead of pixels; the training step draws a
-    fresh latent from them, exactly as encoding the image again would.
+
+class TrainRows(torch.utils.data.Dataset):
+    """Training rows by index, through a `TrainTransform` that learns each row's index.
+
+    `set_epoch` passes the epoch on to the transform (the trainer calls it before each epoch).
+    With `moments` (``--cache_latents``) each row carries the VAE posterior's parameters (mean
+    and log-variance, as `DiagonalGaussianDistribution` takes them) instead of pixels; the
+    training step draws a fresh latent from them, exactly as encoding the image again would.
+    Every item has `row_index`, the row's position in the training set.
     """
 
-    def __init__(self, rows: Dataset, moments: torch.Tensor) -> None:
+    def __init__(
+        self, rows: Dataset, transform: TrainTransform, moments: torch.Tensor | None = None
+    ) -> None:
         self.rows = rows
+        self.transform = transform
         self.moments = moments
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the transform which epoch is running."""
+        self.transform.set_epoch(epoch)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {**self.rows[index], "latent_moments": self.moments[index]}
+        out = self.transform(self.rows[index : index + 1], rows=[index])
+        item = {key: values[0] for key, values in out.items()}
+        item["row_index"] = int(index)
+        if self.moments is not None:
+            item["latent_moments"] = self.moments[index]
+        return item
+
+
+def train_rows(
+    dataset: Dataset, tokenizer: CLIPTokenizer, config: TrainConfig, resolution: int
+) -> TrainRows:
+    """The training rows, decoded and transformed on access (images are read every step)."""
+    return TrainRows(dataset, TrainTransform(tokenizer, config, resolution))
 
 
 @torch.no_grad()
@@ -136,8 +203,12 @@ def cache_latents(
     vae: torch.nn.Module,
     batch_size: int = 32,
     progress: bool = True,
-) -> LatentCache:
-    """Encode every training image once (centre crop, no flip) into a `LatentCache` on CPU."""
+) -> TrainRows:
+    """Encode every training image once (centre crop, no flip) into `TrainRows` with moments.
+
+    The cached rows keep only the caption, `source_path` and `copies` columns, so images are
+    not decoded again during training; captions are still tokenized (and augmented) per step.
+    """
     from tqdm.auto import tqdm
 
     encode = dataset.select_columns([config.image_column])
@@ -150,8 +221,13 @@ def cache_latents(
         pixels = torch.stack([image_to_tensor(im, resolution, True, False) for im in images])
         posterior = vae.encode(pixels.to(device, dtype)).latent_dist
         moments.append(posterior.parameters.float().cpu())
-    rows = dataset.with_transform(TrainTransform(tokenizer, config, resolution, pixels=False))
-    return LatentCache(rows, torch.cat(moments))
+    kept = [
+        c
+        for c in dict.fromkeys([config.caption_column, "source_path", "copies"])
+        if c in dataset.column_names
+    ]
+    transform = TrainTransform(tokenizer, config, resolution, pixels=False)
+    return TrainRows(dataset.select_columns(kept), transform, torch.cat(moments))
 
 
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
@@ -166,13 +242,19 @@ def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack one batch (pixels, or cached latent moments)."""
+    """Stack one batch (pixels, or cached latent moments) and its bookkeeping fields."""
     images = "latent_moments" if "latent_moments" in examples[0] else "pixel_values"
-    return {
+    batch = {
         images: torch.stack([e[images] for e in examples]).contiguous(),
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
         "sample_id": [e["sample_id"] for e in examples],
     }
+    for key in ("row_index", "copies"):
+        if key in examples[0]:
+            batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)
+    if "caption" in examples[0]:
+        batch["caption"] = [e["caption"] for e in examples]
+    return batch
 
 
 def check_resolution(resolution: int, multiple: int) -> None:

@@ -9,7 +9,15 @@ from huggingface_hub import create_repo, get_token, upload_folder
 
 from hf_datasets.errors import ChexmemError
 
-IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", ".*/**", "logs/samples_rank*"]
+# samples_dropped.json names training images (source paths): never published
+IGNORE_PATTERNS = [
+    "checkpoint-*",
+    "checkpoint-*/**",
+    ".*",
+    ".*/**",
+    "logs/samples_rank*",
+    "logs/samples_dropped.json",
+]
 
 
 def upload_files(output_dir: str | Path) -> list[str]:

@@ -24,6 +24,7 @@ Stable Diffusion fine-tuned on chest radiographs with [chexmem](https://github.c
 | what was trained | {mode_detail} |
 | trainable parameters | {trainable:,} of {total:,} ({share:.3%}) |
 | classifier-free guidance | conditioning dropout {dropout} ({cfg}) |
+| training-time mitigation | {mitigation} |
 | steps / batch / learning rate | {steps} / {batch} x {accum} x {procs} processes / {lr} |
 | resolution / mixed precision | {resolution} px / {precision} |
 | final training loss | {loss:.4f} |
@@ -60,6 +61,39 @@ def _usage(mode: str, base: str) -> str:
     return "\n".join([*lines, "```"])
 
 
+def _mitigation(run: dict) -> str:
+    """The memorization filter and caption augmentation of a run, with the filter's counts."""
+    config = run["config"]
+    parts = []
+    weighting = run.get("sample_weighting")
+    if weighting:
+        weighter = weighting["weighter"]
+        if weighter.get("method") == "magnitude_filter":
+            rule = (
+                f"m_t >= {weighter['threshold']}"
+                if weighter.get("threshold") is not None
+                else f"top {weighter['top_fraction']:.0%} of each batch"
+            )
+            name = f"noise-magnitude filter (drop {rule})"
+        else:
+            name = f"sample weighter {weighter.get('method')}"
+        parts.append(
+            f"{name}: {weighting['samples_dropped']:,} of {weighting['samples_seen']:,} "
+            f"samples dropped ({weighting['drop_rate']:.1%})"
+        )
+    if config.get("caption_augmentation"):
+        words = (
+            f", {config['caption_augmentation_words']} word(s)"
+            if config["caption_augmentation"] == "random_word_addition"
+            else ""
+        )
+        parts.append(
+            f"caption augmentation {config['caption_augmentation']} "
+            f"(p {config['caption_augmentation_prob']}{words})"
+        )
+    return "; ".join(parts) or "none"
+
+
 def write_model_card(output_dir: str | Path) -> Path:
     """Write README.md with a model-index entry for the final loss; returns its path."""
     output_dir = Path(output_dir)
@@ -76,6 +110,8 @@ def write_model_card(output_dir: str | Path) -> Path:
         "subset": "UNet parameters matching "
         + " ".join(str(x) for x in (config["trainable_params"], config["trainable_mask"]) if x),
     }[mode]
+    if config.get("trainable_preset"):
+        detail = f"preset `{config['trainable_preset']}`: {detail}"
     card_data = ModelCardData(
         library_name="diffusers",
         base_model=base if base and not Path(base).exists() else None,
@@ -104,6 +140,7 @@ def write_model_card(output_dir: str | Path) -> Path:
         resolution=run["resolution"],
         precision=run["mixed_precision"],
         loss=run["final_loss"],
+        mitigation=_mitigation(run),
         seconds=run["seconds"],
         usage=_usage(mode, base),
     )

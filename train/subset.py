@@ -9,6 +9,11 @@ or by a mask file:
 - `*.safetensors`: element masks, ``{parameter name: 0/1 tensor of its shape}``; only the
   elements set to 1 change (their gradient is masked, and they get no weight decay).
 
+Named presets (`PRESETS`, chosen with ``--trainable_preset NAME``) let a study compare full
+fine-tuning, LoRA and subsets by name: "attention", "cross_attention", "bias_norm", the
+transformer blocks of one UNet path ("down", "mid", "up"), and "lora_r4", which is not a
+subset but LoRA of rank 4 (``--mode lora --rank 4``).
+
 Saved output: `subset_delta.safetensors` (only the trained tensors, with the base model and
 the mask in its metadata) and, for element masks, `subset_mask.safetensors`.
 """
@@ -36,6 +41,39 @@ FAMILIES: dict[str, str] = {
     "attention_kv": r"\.attn2\.to_[kv]\.",
     "bias_norm": r"(\.bias$|norm)",
 }
+
+
+BLOCK_PATHS = ("down", "mid", "up")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named capacity setting: a family of parameters (optionally inside the transformer
+    blocks of one UNet path), or LoRA of a rank."""
+
+    description: str
+    family: str | None = None
+    blocks: str | None = None  # "down", "mid" or "up": only that path's transformer blocks
+    lora_rank: int | None = None
+
+
+PRESETS: dict[str, Preset] = {
+    "attention": Preset("all attention weights of the UNet (attn1 and attn2)", family="attention"),
+    "cross_attention": Preset("cross-attention (attn2) weights only", family="cross_attention"),
+    "bias_norm": Preset("biases and normalisation layers of the UNet", family="bias_norm"),
+    "lora_r4": Preset("LoRA of rank 4 (--mode lora --rank 4)", lora_rank=4),
+    "down": Preset("every parameter of the down path's transformer blocks", "all", "down"),
+    "mid": Preset("every parameter of the mid block's transformer blocks", "all", "mid"),
+    "up": Preset("every parameter of the up path's transformer blocks", "all", "up"),
+}
+
+
+def preset(name: str) -> Preset:
+    """The preset of that name; an unknown name lists the valid ones."""
+    if name not in PRESETS:
+        valid = "; ".join(f"{k} ({v.description})" for k, v in PRESETS.items())
+        raise ChexmemError(f"unknown --trainable_preset {name!r}; choose from: {valid}")
+    return PRESETS[name]
 
 
 @dataclass
@@ -91,6 +129,20 @@ def from_block_mask(unet: torch.nn.Module, spec: dict) -> Subset:
     return Subset(names, description=f"block mask {mask} family {family}")
 
 
+def from_preset(unet: torch.nn.Module, name: str) -> Subset:
+    """Parameters of a subset preset (a LoRA preset is not a subset: see `Preset.lora_rank`)."""
+    chosen = preset(name)
+    if chosen.family is None:
+        raise ChexmemError(f"--trainable_preset {name} is LoRA, not a parameter subset")
+    pattern = re.compile(FAMILIES[chosen.family])
+    names = [n for n, _ in unet.named_parameters() if pattern.search(n)]
+    if chosen.blocks is not None:
+        path = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}[chosen.blocks]
+        blocks = [b + "." for b in transformer_blocks(unet) if b.startswith(path)]
+        names = [n for n in names if n.startswith(tuple(blocks))] if blocks else []
+    return Subset(names, description=f"preset {name}")
+
+
 def from_element_masks(unet: torch.nn.Module, path: Path) -> Subset:
     """Parameters with element masks read from a safetensors file."""
     masks = {k: v.bool() for k, v in load_file(str(path)).items()}
@@ -109,9 +161,16 @@ def from_element_masks(unet: torch.nn.Module, path: Path) -> Subset:
     return Subset(names, masks=partial, description=f"element masks from {path.name}")
 
 
-def select_subset(unet: torch.nn.Module, patterns: Sequence[str], mask_file: str | None) -> Subset:
-    """The subset named by --trainable_params and/or --trainable_mask (their union)."""
+def select_subset(
+    unet: torch.nn.Module,
+    patterns: Sequence[str],
+    mask_file: str | None,
+    preset_name: str | None = None,
+) -> Subset:
+    """The subset named by --trainable_params, --trainable_mask and --trainable_preset (union)."""
     parts = []
+    if preset_name:
+        parts.append(from_preset(unet, preset_name))
     if patterns:
         parts.append(from_patterns(unet, patterns))
     if mask_file:
@@ -125,7 +184,8 @@ def select_subset(unet: torch.nn.Module, patterns: Sequence[str], mask_file: str
     names = sorted({n for p in parts for n in p.names})
     if not names:
         raise ChexmemError(
-            "the subset selects no parameters; check --trainable_params / --trainable_mask"
+            "the subset selects no parameters; check --trainable_params / --trainable_mask / "
+            "--trainable_preset"
         )
     masks = {k: v for p in parts for k, v in p.masks.items() if k in names}
     return Subset(names, masks=masks, description="; ".join(p.description for p in parts))

@@ -3,7 +3,9 @@
 `train(config)` runs: accelerator -> model parts -> what is trained -> data -> optimizer and
 schedule -> (resume) -> loop (loss, backward, clip, step; log, checkpoint, validate) -> save.
 A `sample_weighter` can weight or drop samples per step (training-time mitigation plugs in
-here) without touching the loop.
+here) without touching the loop; `--memorization_filter_*` builds `mitigate.training`'s
+`MagnitudeFilter` as one. A step whose samples were all dropped changes no weight: its loss is
+0 and the optimizer step is skipped (so neither weight decay nor Adam momentum moves them).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,15 +36,16 @@ from tqdm.auto import tqdm
 
 from hf_datasets.errors import ChexmemError
 from hf_datasets.show import contact_sheet
+from mitigate.training import DropCounts, MagnitudeFilter
 from train.checkpoint import list_checkpoints, read_state, resolve_resume, save_checkpoint
 from train.config import TrainConfig
 from train.data import (
-    TrainTransform,
     cache_latents,
     check_resolution,
     collate,
     load_train_dataset,
     tokenize,
+    train_rows,
 )
 from train.lora import add_lora, save_lora
 from train.models import Components, load_components
@@ -52,6 +56,7 @@ logger = logging.getLogger(__name__)
 TRAINABLE_FILE = "trainable.safetensors"
 EMA_FILE = "ema.safetensors"
 RUN_FILE = "chexmem_train.json"
+SAMPLE_DROPS_FILE = "samples_dropped.json"  # under logs/: per image, [seen, dropped]
 
 
 @dataclass
@@ -63,7 +68,8 @@ class StepInputs:
     timesteps: torch.Tensor
     noise: torch.Tensor
     encoder_hidden_states: torch.Tensor
-    empty_hidden_states: torch.Tensor
+    empty_hidden_states: torch.Tensor  # (1, tokens, dim): the empty prompt's encoder states
+    conditioning_dropped: torch.Tensor  # (B,) bool: prompt replaced by the empty one (CFG)
     model_pred: torch.Tensor
     target: torch.Tensor
     per_sample_loss: torch.Tensor
@@ -99,6 +105,13 @@ class TrainResult:
     total_params: int
     seconds: float
     files: list[str] = field(default_factory=list)
+    samples_seen: int = 0  # by the sample weighter (0 without one), all processes
+    samples_dropped: int = 0  # given weight 0 by the sample weighter, all processes
+
+    @property
+    def trainable_share(self) -> float:
+        """Trained parameters as a share of UNet + text encoder parameters."""
+        return self.trainable_params / max(1, self.total_params)
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -151,7 +164,9 @@ def setup_trainable(parts: Components, config: TrainConfig) -> Trainable:
         return Trainable(modules, [{"params": params, "weight_decay": decay}])
     if config.mode == "subset":
         parts.text_encoder.requires_grad_(False)
-        subset = select_subset(parts.unet, config.trainable_params, config.trainable_mask)
+        subset = select_subset(
+            parts.unet, config.trainable_params, config.trainable_mask, config.trainable_preset
+        )
         apply_subset(parts.unet, subset)
         return Trainable([parts.unet], param_groups(parts.unet, subset, decay), subset)
     parts.unet.requires_grad_(True)
@@ -242,8 +257,12 @@ def training_step(
     weight_dtype: torch.dtype,
     sample_weighter: SampleWeighter | None,
     global_step: int,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The diffusion loss of one micro-batch (and what to log about it)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The diffusion loss of one micro-batch, and the sample weights used (None: unweighted).
+
+    With weights w the loss is sum(w * loss_i) / sum(w): 0 (and a zero gradient) when every
+    weight is 0.
+    """
     with torch.no_grad():
         if "latent_moments" in batch:  # --cache_latents: the posterior was computed once
             posterior = DiagonalGaussianDistribution(batch["latent_moments"].to(weight_dtype))
@@ -268,6 +287,7 @@ def training_step(
     noisy_latents = scheduler.add_noise(latents, applied, timesteps)
 
     input_ids = batch["input_ids"]
+    drop = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
     if config.conditioning_dropout_prob > 0:
         drop = torch.rand(bsz, device=input_ids.device) < config.conditioning_dropout_prob
         input_ids = torch.where(drop[:, None], empty_ids.to(input_ids.device), input_ids)
@@ -291,9 +311,8 @@ def training_step(
             weights / snr if scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
         )
 
-    logs: dict[str, float] = {}
     if sample_weighter is None:
-        return per_sample.mean(), logs
+        return per_sample.mean(), None
     with torch.no_grad():
         empty_states = text_encoder(empty_ids.to(input_ids.device), return_dict=False)[0]
     sample_weights = sample_weighter(
@@ -304,6 +323,7 @@ def training_step(
             noise=noise,
             encoder_hidden_states=encoder_hidden_states,
             empty_hidden_states=empty_states,
+            conditioning_dropped=drop,
             model_pred=model_pred,
             target=target,
             per_sample_loss=per_sample.detach(),
@@ -311,8 +331,8 @@ def training_step(
             global_step=global_step,
         )
     ).to(per_sample)
-    logs["samples_weighted_zero"] = float((sample_weights == 0).sum())
-    return (per_sample * sample_weights).sum() / sample_weights.sum().clamp_min(1e-8), logs
+    loss = (per_sample * sample_weights).sum() / sample_weights.sum().clamp_min(1e-8)
+    return loss, sample_weights.detach()
 
 
 def validation_images(
@@ -401,9 +421,63 @@ def weights_fingerprint(params: list[torch.nn.Parameter]) -> str:
     return digest.hexdigest()[:16]
 
 
+def run_sample_weighter(
+    config: TrainConfig, sample_weighter: SampleWeighter | None
+) -> SampleWeighter | None:
+    """The caller's sample weighter, or the MagnitudeFilter --memorization_filter_* asks for."""
+    if not config.memorization_filter:
+        return sample_weighter
+    if sample_weighter is not None:
+        raise ChexmemError(
+            "--memorization_filter_threshold / --memorization_filter_top_fraction build their "
+            "own sample weighter: give those options or a sample_weighter to train(), not both"
+        )
+    return MagnitudeFilter(
+        threshold=config.memorization_filter_threshold,
+        top_fraction=config.memorization_filter_top_fraction,
+    )
+
+
+def describe_weighter(sample_weighter: SampleWeighter) -> dict[str, Any]:
+    """A weighter's name and settings for the run file."""
+    describe = getattr(sample_weighter, "describe", None)
+    if callable(describe):
+        return describe()
+    return {"method": getattr(sample_weighter, "__name__", type(sample_weighter).__name__)}
+
+
+def micro_batch_stats(weights: torch.Tensor, sample_weighter: SampleWeighter) -> torch.Tensor:
+    """[dropped, kept, sum of m_t, number of m_t, max m_t] of one micro-batch.
+
+    The magnitudes are the MagnitudeFilter's, over samples whose conditioning was kept
+    (zeros for any other weighter).
+    """
+    zero = weights == 0
+    stats = [float(zero.sum()), float((~zero).sum()), 0.0, 0.0, 0.0]
+    if isinstance(sample_weighter, MagnitudeFilter):
+        kept = [
+            m
+            for m, c in zip(
+                sample_weighter.last_magnitudes, sample_weighter.last_conditioned, strict=True
+            )
+            if c
+        ]
+        stats[2:] = [sum(kept), float(len(kept)), max(kept, default=0.0)]
+    return torch.tensor([stats], device=weights.device)
+
+
+def run_drop_counts(resumed: DropCounts, local: DropCounts) -> DropCounts:
+    """The whole run's drop counts: those before a resume plus every process's (collective)."""
+    merged = resumed
+    for state in gather_object([local.to_state()]):
+        merged = merged.merge(DropCounts.from_state(state))
+    return merged
+
+
 def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) -> TrainResult:
     """Fine-tune a Stable Diffusion model as `config` says; returns where the result went."""
     start = time.perf_counter()
+    sample_weighter = run_sample_weighter(config, sample_weighter)
     accelerator = make_accelerator(config)
     logging.getLogger("chexmem").info(accelerator.state)
     set_seed(config.seed, device_specific=True)
@@ -452,7 +526,7 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
             progress=accelerator.is_local_main_process,
         )
     else:
-        dataset = dataset.with_transform(TrainTransform(parts.tokenizer, config, resolution))
+        dataset = train_rows(dataset, parts.tokenizer, config, resolution)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.train_batch_size,
@@ -497,6 +571,10 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
         )
 
     global_step, first_epoch, skip_batches = 0, 0, 0
+    # sample weighting: this process's counts since it started, the run's before a resume
+    # (kept by the main process), and running totals over all processes
+    drops, resumed_drops = DropCounts(), DropCounts()
+    dropped_total, steps_all_dropped = 0, 0
     checkpoint = resolve_resume(output_dir, config.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
@@ -506,6 +584,11 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
             state["epoch"],
             state["batches_in_epoch"],
         )
+        if sample_weighter is not None and "drop_counts" in state:
+            before = DropCounts.from_state(state["drop_counts"])
+            dropped_total, steps_all_dropped = before.dropped, state["steps_all_dropped"]
+            if accelerator.is_main_process:
+                resumed_drops = before
         if skip_batches >= batches_per_epoch:
             first_epoch, skip_batches = first_epoch + 1, 0
         accelerator.print(f"resumed from {checkpoint} at step {global_step}")
@@ -520,11 +603,13 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
         disable=not accelerator.is_local_main_process,
     )
     samples_log = output_dir / "logs" / f"samples_rank{accelerator.process_index}.jsonl"
-    running_loss, last_loss, extra_logs = 0.0, float("nan"), {}
+    running_loss, last_loss = 0.0, float("nan")
+    step_stats = torch.zeros(5)  # micro_batch_stats summed (max: maxed) over one step
     for epoch in range(first_epoch, num_epochs):
         for module in trained_modules:
             module.train()
         loader.set_epoch(epoch)
+        dataset.set_epoch(epoch)  # caption augmentation draws per epoch
         epoch_loader = (
             accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
         )
@@ -539,7 +624,7 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
                         + "\n"
                     )
             with accelerator.accumulate(*trained_modules):
-                loss, extra_logs = training_step(
+                loss, weights = training_step(
                     parts,
                     parts.unet,
                     parts.text_encoder,
@@ -564,12 +649,32 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
                         "or check the data"
                     )
                 running_loss += gathered / config.gradient_accumulation_steps
+                if weights is not None:
+                    copies = batch.get("copies")
+                    drops.update(
+                        (weights == 0).tolist(),
+                        batch.get("sample_id"),
+                        None if copies is None else copies.tolist(),
+                    )
+                    stats = accelerator.gather(micro_batch_stats(weights, sample_weighter)).cpu()
+                    step_stats[:4] += stats[:, :4].sum(dim=0)
+                    step_stats[4] = max(float(step_stats[4]), float(stats[:, 4].max()))
                 accelerator.backward(loss)
                 grad_norm = None
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(trainable.params, config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
+                # every sample of the step dropped: no update at all (no decay, no momentum)
+                all_dropped = (
+                    weights is not None and accelerator.sync_gradients and float(step_stats[1]) == 0
+                )
+                if not all_dropped:
+                    if accelerator.sync_gradients and config.max_grad_norm:
+                        grad_norm = accelerator.clip_grad_norm_(
+                            trainable.params, config.max_grad_norm
+                        )
+                    optimizer.step()
+                with warnings.catch_warnings():
+                    # the schedule follows global steps, skipped ones included
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             batches_in_epoch += 1
             if not accelerator.sync_gradients:
@@ -579,24 +684,36 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
             if ema is not None:
                 ema.step(trainable.params)
             last_loss = running_loss
+            if sample_weighter is not None:
+                dropped_total += int(step_stats[0])
+                steps_all_dropped += int(all_dropped)
             if global_step % config.logging_steps == 0 or global_step == max_steps:
                 logs = {
                     "loss": running_loss,
                     "lr": lr_scheduler.get_last_lr()[0],
                     "epoch": epoch,
-                    **extra_logs,
                 }
+                if sample_weighter is not None:
+                    logs["samples_dropped"] = int(step_stats[0])
+                    logs["samples_dropped_total"] = dropped_total
+                    if step_stats[3]:
+                        logs["memorization_magnitude_mean"] = float(step_stats[2] / step_stats[3])
+                        logs["memorization_magnitude_max"] = float(step_stats[4])
                 if grad_norm is not None:
                     logs["grad_norm"] = float(grad_norm)
                 accelerator.log(logs, step=global_step)
                 progress.set_postfix(loss=f"{running_loss:.4f}")
             running_loss = 0.0
+            step_stats.zero_()
             if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
                 state = {
                     "global_step": global_step,
                     "epoch": epoch,
                     "batches_in_epoch": batches_in_epoch,
                 }
+                if sample_weighter is not None:
+                    state["drop_counts"] = run_drop_counts(resumed_drops, drops).to_state()
+                    state["steps_all_dropped"] = steps_all_dropped
                 save_checkpoint(
                     accelerator, output_dir, global_step, state, config.checkpoints_total_limit
                 )
@@ -613,6 +730,7 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
     if len(set(fingerprints)) > 1:
         logger.warning("processes ended with different weights: %s", fingerprints)
     files: list[str] = []
+    run_drops = run_drop_counts(resumed_drops, drops) if sample_weighter is not None else None
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(trainable.params)
@@ -622,6 +740,7 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
             "final_loss": last_loss,
             "trainable_params": trained_params,
             "total_params": total_params,
+            "trainable_share": trained_params / max(1, total_params),
             "seconds": round(time.perf_counter() - start, 2),
             "num_processes": accelerator.num_processes,
             "rank_weight_fingerprints": fingerprints,
@@ -629,6 +748,19 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
             "resolution": resolution,
             "config": config.to_dict(),
         }
+        if run_drops is not None:
+            assert sample_weighter is not None
+            result_info["sample_weighting"] = {
+                "weighter": describe_weighter(sample_weighter),
+                **run_drops.summary(),
+                "steps_all_dropped": steps_all_dropped,
+                "per_sample_file": f"logs/{SAMPLE_DROPS_FILE}",
+            }
+            # per image (sample id: source path): [times seen, times dropped]
+            (output_dir / "logs").mkdir(exist_ok=True)
+            (output_dir / "logs" / SAMPLE_DROPS_FILE).write_text(
+                json.dumps(run_drops.by_sample, indent=0)
+            )
         (output_dir / RUN_FILE).write_text(json.dumps(result_info, indent=1, default=str))
     if config.validation_prompts and not (
         config.validation_steps and global_step % config.validation_steps == 0
@@ -643,6 +775,8 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
         total_params,
         time.perf_counter() - start,
         files,
+        samples_seen=0 if run_drops is None else run_drops.seen,
+        samples_dropped=0 if run_drops is None else run_drops.dropped,
     )
 
 

@@ -48,6 +48,59 @@ def test_flags_cover_every_config_field_and_yaml(tmp_path: Path) -> None:
     assert config_from_args(top).rank == 8
 
 
+def test_mitigation_and_preset_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_train_flags(parser)
+    flags = [
+        "--memorization_filter_top_fraction",
+        "0.1",
+        "--caption_augmentation",
+        "random_word_addition",
+        "--caption_augmentation_prob",
+        "0.5",
+        "--caption_augmentation_words",
+        "4",
+        "--trainable_preset",
+        "cross_attention",
+    ]
+    config = config_from_args(parser.parse_args(flags))
+    assert (
+        config.memorization_filter_top_fraction,
+        config.caption_augmentation,
+        config.caption_augmentation_prob,
+        config.caption_augmentation_words,
+        config.trainable_preset,
+        config.mode,
+    ) == (0.1, "random_word_addition", 0.5, 4, "cross_attention", "subset")
+    inf = config_from_args(parser.parse_args(["--memorization_filter_threshold", "inf"]))
+    assert inf.memorization_filter_threshold == float("inf") and inf.memorization_filter
+    yaml_file = tmp_path / "train.yaml"
+    yaml_file.write_text(
+        "memorization_filter_threshold: 2.0\nmemorization_filter_top_fraction: 0.1\n"
+    )
+    assert train_main(["--config", str(yaml_file)]) == 2
+    assert "not both" in capsys.readouterr().err
+    yaml_file.write_text("caption_augmentation: shuffle\n")
+    assert train_main(["--config", str(yaml_file)]) == 2
+    assert "--caption_augmentation must be one of random_caption" in capsys.readouterr().err
+
+
+def test_model_card_lists_training_time_mitigation(base_args: dict) -> None:
+    result = train(
+        TrainConfig(
+            **{**base_args, "max_train_steps": 2, "checkpointing_steps": 0},
+            memorization_filter_top_fraction=0.5,
+            conditioning_dropout_prob=0.0,
+            caption_augmentation="random_word_addition",
+            trainable_preset="cross_attention",
+        )
+    )
+    text = ModelCard.load(write_model_card(result.output_dir)).text
+    assert "noise-magnitude filter (drop top 50% of each batch): 4 of 8 samples dropped" in text
+    assert "caption augmentation random_word_addition (p 0.1, 1 word(s))" in text
+    assert "preset `cross_attention`" in text
+
+
 def test_module_entry_point_reads_yaml_and_reports_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -63,6 +116,7 @@ def test_model_card_and_upload_folder(base_args: dict) -> None:
     card = ModelCard.load(card_path)
     assert card.data.library_name == "diffusers" and "lora" in card.data.tags
     assert "trainable parameters" in card.text and "conditioning dropout 0.1" in card.text
+    assert "| training-time mitigation | none |" in card.text
     files = upload_files(result.output_dir)
     assert "pytorch_lora_weights.safetensors" in files and "README.md" in files
     assert not any(f.startswith("checkpoint-") for f in files)

@@ -11,7 +11,14 @@ from pathlib import Path
 
 def test_two_ranks_see_different_data_and_end_identical(base_args: dict, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    flags = {**base_args, "output_dir": str(out), "max_train_steps": 4, "log_sample_ids": True}
+    flags = {
+        **base_args,
+        "output_dir": str(out),
+        "max_train_steps": 4,
+        "log_sample_ids": True,
+        # the memorization filter's counts are gathered over ranks (checkpoint-3 and the end)
+        "memorization_filter_top_fraction": 0.5,
+    }
     argv = []
     for key, value in flags.items():
         argv += [f"--{key}"] if value is True else [f"--{key}", str(value)]
@@ -53,3 +60,7 @@ def test_two_ranks_see_different_data_and_end_identical(base_args: dict, tmp_pat
     # rows at one step differ between ranks (a duplicated image may legitimately appear on both)
     assert sum(len(s) for s in step_batches) < 4
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    weighting = run["sample_weighting"]
+    assert weighting["samples_seen"] == 2 * 4 * 4 and 0 < weighting["samples_dropped"] <= 16
+    state = json.loads((out / "checkpoint-3" / "chexmem_state.json").read_text())
+    assert state["drop_counts"]["seen"] == 2 * 3 * 4

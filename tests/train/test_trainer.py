@@ -96,7 +96,8 @@ def test_sample_weighter_drops_samples_from_the_loss(base_args: dict) -> None:
 
     result = train(cfg(base_args), sample_weighter=keep_first)
     metrics = read_metrics(result.output_dir / "logs")
-    assert all(m["samples_weighted_zero"] == 3 for m in metrics)
+    assert all(m["samples_dropped"] == 3 for m in metrics)
+    assert [m["samples_dropped_total"] for m in metrics] == [3 * (i + 1) for i in range(6)]
     assert [round(m["loss"], 5) for m in metrics] == [round(a, 5) for a, _ in losses]
 
 
