@@ -24,8 +24,8 @@ from detect.similarity import Embedder, TrainingBank, match_generations, prompt_
 from hf_datasets.errors import ChexmemError
 from mitigate.base import Mitigation, generate
 
-# A quality measure: (real images, generated images) -> {metric: value}
-QualityFn = Callable[[list[Any], list[Any]], dict[str, float]]
+# A quality measure of generated images against its own real reference: -> {metric: value}
+QualityFn = Callable[[list[Any]], dict[str, float]]
 # A conditioning measure: (generated images, (N, findings) labels of their prompts) -> value
 FidelityFn = Callable[[list[Any], np.ndarray], float]
 
@@ -39,8 +39,7 @@ class EvaluationSetup:
     embedder: Embedder
     threshold: float  # copy threshold, calibrated once (detect.similarity.calibrate_threshold)
     config: MagnitudeConfig = field(default_factory=MagnitudeConfig)
-    real_images: list[Any] | None = None  # reference set for quality
-    quality: QualityFn | None = None
+    quality: QualityFn | None = None  # e.g. FID / KID against real images
     labels: np.ndarray | None = None  # (prompts, findings) with 1 / 0 / nan, for fidelity
     fidelity: FidelityFn | None = None
     score_steps: int = 1
@@ -126,8 +125,8 @@ def summarise(run: MethodRun, setup: EvaluationSetup) -> list[dict[str, Any]]:
             "seconds_per_prompt": run.seconds_per_prompt,
         }
         images = [run.images[i * n + j] for i in prompts.index for j in range(n)]
-        if setup.quality is not None and setup.real_images:
-            row.update(setup.quality(setup.real_images, images))
+        if setup.quality is not None:
+            row.update(setup.quality(images))
         if setup.fidelity is not None and setup.labels is not None:
             labels = np.repeat(setup.labels[prompts.index.to_numpy()], n, axis=0)
             row["fidelity"] = setup.fidelity(images, labels)

@@ -11,7 +11,10 @@ Stages so far:
    and held-out prompts, as two parallel `python -m detect` runs that also save the
    generations; each generation matched to its nearest training image (pixel NCC); AUC and
    TPR@1%FPR of duplicated prompts against the other groups, the rank correlation of score
-   and copy similarity, a scatter plot, ROC curves and a grid of top / bottom prompts.
+   and copy similarity, a scatter plot, ROC curves and a grid of top / bottom prompts;
+5. mitigate (`scripts.mitigation_stage`): every inference-time mitigation against none on
+   the CFG model's flagged prompts, and three more CFG fine-tunes made alongside the first
+   two (the training-time filter, LoRA r=4, an attention-only subset) against the plain one.
 """
 
 from __future__ import annotations
@@ -65,9 +68,14 @@ class DemoConfig:
     generations_per_prompt: int = 4
     inference_steps: int = 25
     vae_train_steps: int = 300
+    # training-time filter (Wen et al.): drop the top fraction of each batch by m_t
+    filter_top_fraction: float = 0.25
+    lora_preset: str = "lora_r4"
+    subset_preset: str = "attention"
     seed: int = 0
     overwrite: bool = False
     skip_training: bool = False
+    skip_mitigation: bool = False
 
 
 def run_data_stage(config: DemoConfig) -> Path:
@@ -141,16 +149,16 @@ def train_flags(config: DemoConfig, base: Path, data: Path, dropout: float, out:
 
 
 def run_train_stage(
-    config: DemoConfig, base: Path, data: Path, variants: dict[str, float]
+    config: DemoConfig, base: Path, data: Path, variants: dict[str, tuple[float, list[str]]]
 ) -> dict[str, Path]:
-    """The fine-tunes (name -> conditioning dropout) as parallel `python -m train` processes.
+    """The fine-tunes (name -> conditioning dropout, extra flags) as parallel processes.
 
-    One process per variant, one thread each: on a 2-core machine both run at once.
+    One `python -m train` process per variant, one thread each, all started at once.
     """
     out = Path(config.output_dir)
     commands = {
-        name: ["train", *train_flags(config, base, data, dropout, out / name)]
-        for name, dropout in variants.items()
+        name: ["train", *train_flags(config, base, data, dropout, out / name), *extra]
+        for name, (dropout, extra) in variants.items()
     }
     run_parallel(commands, {name: out / name / "train.log" for name in variants})
     for name in variants:
@@ -160,6 +168,21 @@ def run_train_stage(
             f"{name}: {run['global_step']} steps in {run['seconds']:.0f} s, final loss {loss:.4f}"
         )
     return {name: out / name for name in variants}
+
+
+def demo_variants(config: DemoConfig) -> dict[str, tuple[float, list[str]]]:
+    """Every fine-tune of the demo: name -> (conditioning dropout, extra `train` flags)."""
+    variants: dict[str, tuple[float, list[str]]] = {
+        "finetune-cfg": (0.1, []),
+        "finetune-nocfg": (0.0, []),
+    }
+    if not config.skip_mitigation:
+        variants["finetune-cfg-filter"] = (
+            0.1, ["--memorization_filter_top_fraction", str(config.filter_top_fraction)]
+        )  # fmt: skip
+        variants["finetune-cfg-lora"] = (0.1, ["--trainable_preset", config.lora_preset])
+        variants["finetune-cfg-subset"] = (0.1, ["--trainable_preset", config.subset_preset])
+    return variants
 
 
 def detection_prompts(data: Path, config: DemoConfig) -> pd.DataFrame:
@@ -398,10 +421,20 @@ def run_demo(config: DemoConfig) -> None:
         print(
             f"== fine-tune: {config.max_train_steps} steps with CFG (dropout 0.1) and without (0.0)"
         )
-        models = run_train_stage(config, base, data, {"finetune-cfg": 0.1, "finetune-nocfg": 0.0})
+        variants = demo_variants(config)
+        if len(variants) > 2:
+            print(f"   and, for the mitigation stage, {', '.join(list(variants)[2:])}")
+        models = run_train_stage(config, base, data, variants)
         print("== detect: noise magnitude vs copy similarity (both models in parallel)")
         guided = {"cfg": (models["finetune-cfg"], 7.5), "nocfg": (models["finetune-nocfg"], 1.0)}
         run_detect_stage(config, data, guided)
+        if not config.skip_mitigation:
+            from scripts.mitigation_stage import run_mitigation_stage
+
+            print("== mitigate: every method against none, same prompts, seeds and threshold")
+            frame = pd.read_csv(Path(config.output_dir) / "detect_cfg_prompts.csv")
+            extra = {name: models[name] for name in list(variants)[2:]}
+            run_mitigation_stage(config, data, models["finetune-cfg"], frame, extra)
     (Path(config.output_dir) / "demo_config.json").write_text(json.dumps(asdict(config), indent=1))
     print(
         f"== demo finished in {time.perf_counter() - start:.1f} s; outputs in {config.output_dir}/"
