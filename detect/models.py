@@ -22,6 +22,8 @@ from hf_datasets.errors import ChexmemError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SUBSET_FILE = "subset_delta.safetensors"
+# a subset run with --train_text_encoder: the text encoder trains whole and is saved whole
+SUBSET_TEXT_ENCODER_FILE = "text_encoder.safetensors"
 RUN_FILE = "chexmem_train.json"
 
 
@@ -70,6 +72,8 @@ def load_pipeline(
         if (path / SUBSET_FILE).is_file():
             pipe = load_pipeline(base_model_of(path), pipeline_class, device, dtype)
             load_subset_delta(pipe.unet, path / SUBSET_FILE)
+            if (path / SUBSET_TEXT_ENCODER_FILE).is_file():
+                pipe.text_encoder.load_state_dict(load_file(str(path / SUBSET_TEXT_ENCODER_FILE)))
             return pipe
         raise ChexmemError(
             f"{path} is not a model: expected model_index.json, {LORA_FILE} or {SUBSET_FILE}"

@@ -144,11 +144,14 @@ def run_mitigation_stage(
     prompts = flagged_prompts(frame, target)
     memorized = list(prompts.loc[prompts["group"] == "memorized", "prompt"])
     pipe = load_pipeline(model)
+    print(f"{len(memorized)} training prompts flagged (step-1 score >= {target:.3f}, the 95th "
+          f"percentile of held-out prompts); copy threshold NCC {threshold:.3f}")  # fmt: skip
     nemo, tau_mem = localize(
         pipe, memorized, list(held_out["prompt"]), config.inference_steps, config.seed
     )
     neurons = NeuronDeactivation.from_report(nemo)
     neurons.to_json(out / "mitigation_neurons.json")
+    print(f"NEMO: tau_mem {tau_mem:.3f}, {neurons.describe()['num_neurons']} neurons blocked")
     methods: dict[str, Mitigation] = {
         "none": Mitigation(),
         "embedding": EmbeddingAdjustment(target=target),

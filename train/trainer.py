@@ -34,6 +34,7 @@ from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from detect.models import SUBSET_TEXT_ENCODER_FILE
 from hf_datasets.errors import ChexmemError
 from hf_datasets.show import contact_sheet
 from mitigate.training import DropCounts, MagnitudeFilter
@@ -163,12 +164,18 @@ def setup_trainable(parts: Components, config: TrainConfig) -> Trainable:
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         return Trainable(modules, [{"params": params, "weight_decay": decay}])
     if config.mode == "subset":
-        parts.text_encoder.requires_grad_(False)
+        # the subset selects UNet parameters; with --train_text_encoder the encoder trains whole
+        parts.text_encoder.requires_grad_(config.train_text_encoder)
         subset = select_subset(
             parts.unet, config.trainable_params, config.trainable_mask, config.trainable_preset
         )
         apply_subset(parts.unet, subset)
-        return Trainable([parts.unet], param_groups(parts.unet, subset, decay), subset)
+        groups = param_groups(parts.unet, subset, decay)
+        modules = [parts.unet]
+        if config.train_text_encoder:
+            modules.append(parts.text_encoder)
+            groups.append({"params": list(parts.text_encoder.parameters()), "weight_decay": decay})
+        return Trainable(modules, groups, subset)
     parts.unet.requires_grad_(True)
     parts.text_encoder.requires_grad_(config.train_text_encoder)
     modules = [parts.unet] + ([parts.text_encoder] if config.train_text_encoder else [])
@@ -810,6 +817,11 @@ def save_final(
     else:
         assert trainable.subset is not None
         save_subset(unet, trainable.subset, staging, parts.source)
+        if config.train_text_encoder:
+            save_file(
+                {k: v.contiguous() for k, v in text_encoder.state_dict().items()},
+                str(staging / SUBSET_TEXT_ENCODER_FILE),
+            )
     names = sorted(p.name for p in staging.iterdir())
     for path in staging.iterdir():
         target = output_dir / path.name

@@ -144,3 +144,15 @@ def test_console_script_runs_the_demo(tmp_path: Path) -> None:
             assert (demo / f"copies_{name}_{group}.png").is_file()
         prompts = json.loads((demo / f"detect-{name}" / "summary.json").read_text())["prompts"]
         assert prompts == sum(summary["prompts"].values())
+    mitigation = json.loads((demo / "mitigation.json").read_text())
+    methods = {row["method"] for row in mitigation["inference"]}
+    assert {"none", "embedding", "neurons", "trigger_tokens", "attention_scaling"} <= methods
+    assert {"random_tokens_1", "random_tokens_4", "random_tokens_10"} <= methods
+    for row in mitigation["inference"]:
+        assert 0 <= row["copy_rate"] <= 1 and row["fid"] >= 0
+    models = {row["model"] for row in mitigation["training"]}
+    assert models == {"full (plain)", "finetune-cfg-filter", "finetune-cfg-lora",
+                      "finetune-cfg-subset"}  # fmt: skip
+    run = json.loads((demo / "finetune-cfg-filter" / "chexmem_train.json").read_text())
+    assert run["sample_weighting"]["samples_seen"] > 0
+    assert "chexmem-findings-cnn" in mitigation["features"]

@@ -154,6 +154,20 @@ def test_subset_by_pattern_trains_exactly_those_and_saves_only_them(
     assert all(torch.equal(base.state_dict()[k], v) for k, v in delta.items())
 
 
+def test_subset_with_text_encoder_saves_and_loads_the_trained_encoder(
+    base_args: dict, tiny_model: Path
+) -> None:
+    from detect.models import SUBSET_TEXT_ENCODER_FILE, load_pipeline
+
+    result = train(cfg(base_args, trainable_preset="cross_attention", train_text_encoder=True))
+    trained = load_file(str(result.output_dir / SUBSET_TEXT_ENCODER_FILE))
+    base = StableDiffusionPipeline.from_pretrained(tiny_model).text_encoder.state_dict()
+    assert any(not torch.equal(v, base[k]) for k, v in trained.items())
+    pipe = load_pipeline(result.output_dir)
+    loaded = pipe.text_encoder.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in trained.items())
+
+
 def test_element_mask_keeps_frozen_elements_bit_identical_under_weight_decay(
     base_args: dict, tiny_model: Path, tmp_path: Path
 ) -> None:
