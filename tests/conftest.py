@@ -53,3 +53,19 @@ def phantom_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dataset = generate_phantom(PhantomConfig(num_patients=16, resolution=64, seed=0))
     dataset = inject_duplicates(dataset, num_rows=2, copies=4, seed=0)
     return save_dataset(dataset, tmp_path_factory.mktemp("data") / "phantom")
+
+
+@pytest.fixture()
+def base_args(tiny_model: Path, phantom_data: Path, tmp_path: Path) -> dict:
+    """TrainConfig options for a fast run (override per test)."""
+    return {
+        "pretrained_model_name_or_path": str(tiny_model),
+        "train_data_dir": str(phantom_data),
+        "output_dir": str(tmp_path / "out"),
+        "train_batch_size": 4,
+        "max_train_steps": 6,
+        "checkpointing_steps": 3,
+        "logging_steps": 1,
+        "report_to": "jsonl",
+        "learning_rate": 1e-3,
+    }

@@ -28,6 +28,7 @@ from detect.neurons import (
     zero_neurons,
 )
 from hf_datasets.errors import ChexmemError
+from tests.helpers import load_plain
 
 FINDINGS = [
     "No acute cardiopulmonary abnormality.",
@@ -62,16 +63,9 @@ PLANT_LAYER, PLANT_CHANNEL = TINY_LAYERS[0], 3
 FAST = NemoConfig(num_seeds=6, num_inference_steps=10, progress=False)
 
 
-def load(folder: Path) -> StableDiffusionPipeline:
-    """The tiny model as plain diffusers loads it."""
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def pipe(tiny_model: Path) -> StableDiffusionPipeline:
-    return load(tiny_model)
+    return load_plain(tiny_model)
 
 
 @torch.no_grad()
@@ -104,7 +98,7 @@ def plant_memorization_neuron(
 @pytest.fixture(scope="module")
 def planted(tiny_model: Path) -> tuple[StableDiffusionPipeline, ReferenceStats, float, np.ndarray]:
     """The planted model, its reference statistics, tau_mem and the references' similarities."""
-    pipe = load(tiny_model)
+    pipe = load_plain(tiny_model)
     plant_memorization_neuron(pipe, TRIGGER, PLANT_PROMPTS, PLANT_LAYER, PLANT_CHANNEL)
     reference = reference_statistics(pipe, REFERENCE, FAST)
     similarities = max_pairwise_similarities(pipe, REFERENCE, FAST)
@@ -194,7 +188,7 @@ def test_blocking_zeroes_channels_only_inside_and_matches_the_permanent_edit(pip
 
 
 def test_reference_statistics_are_cached_per_model_and_prompts(tiny_model, tmp_path) -> None:
-    pipe = load(tiny_model)
+    pipe = load_plain(tiny_model)
     first = reference_statistics(pipe, REFERENCE, FAST, cache_dir=tmp_path)
     assert not first.from_cache
     assert (tmp_path / "nemo_reference.safetensors").exists()

@@ -28,6 +28,7 @@ from mitigate.neurons import (
     prune_model,
 )
 from mitigate.registry import make_mitigation
+from tests.helpers import load_plain
 
 LAYERS = [
     "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
@@ -42,16 +43,9 @@ PROMPTS = [
 FAST = MagnitudeConfig(num_inference_steps=4, num_generations=2, progress=False)
 
 
-def load(folder: Path) -> StableDiffusionPipeline:
-    """A model as plain diffusers loads it."""
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def pipe(tiny_model: Path) -> StableDiffusionPipeline:
-    return load(tiny_model)
+    return load_plain(tiny_model)
 
 
 def run(pipe, prompts, mitigation=None, ids=None, config=FAST):
@@ -200,7 +194,7 @@ def test_pruned_model_loads_with_diffusers_and_equals_the_hook(pipe, tiny_model,
     assert record["neurons"] == NEURONS and record["count"] == 4
     assert record["source"] == str(tiny_model) and not record["bias_zeroed"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no temporary folder left
-    pruned = load(out)
+    pruned = load_plain(out)
     weight = pruned.unet.get_submodule(LAYERS[0]).weight
     assert weight[[1, 7]].abs().sum() == 0 and weight[0].abs().sum() > 0
     assert_same(run(pruned, PROMPTS), run(pipe, PROMPTS, NeuronDeactivation(NEURONS)))
@@ -214,7 +208,7 @@ def test_pruned_model_loads_with_diffusers_and_equals_the_hook(pipe, tiny_model,
 
 def test_with_a_bias_the_permanent_edit_still_equals_the_hook(tiny_model) -> None:
     """zero_neurons zeroes the bias entries too; zeroing the W_v rows alone would not do."""
-    biased = load(tiny_model)
+    biased = load_plain(tiny_model)
     attention = biased.unet.get_submodule(LAYERS[0].rsplit(".", 1)[0])
     old = attention.to_v
     attention.to_v = torch.nn.Linear(old.in_features, old.out_features, bias=True)
@@ -238,7 +232,7 @@ def test_pruning_a_lora_fuses_it_first(pipe, tiny_model, tmp_path) -> None:
 
     from train.lora import save_lora
 
-    tuned = load(tiny_model)
+    tuned = load_plain(tiny_model)
     tuned.unet.add_adapter(LoraConfig(r=2, target_modules=["to_v", "to_q"]))
     with torch.no_grad():
         for name, parameter in tuned.unet.named_parameters():
@@ -254,7 +248,7 @@ def test_pruning_a_lora_fuses_it_first(pipe, tiny_model, tmp_path) -> None:
     reference.fuse_lora()
     reference.unload_lora_weights()
     expected = run(reference, PROMPTS, NeuronDeactivation(NEURONS))
-    assert_same(run(load(out), PROMPTS), expected)
+    assert_same(run(load_plain(out), PROMPTS), expected)
     assert not torch.allclose(expected[1], run(pipe, PROMPTS, NeuronDeactivation(NEURONS))[1])
     with pytest.raises(ChexmemError, match="carries a LoRA adapter; fuse it first"):
         NeuronDeactivation(NEURONS).active(load_pipeline(lora))
