@@ -120,7 +120,11 @@ def run_mitigation_stage(
     held_out = concatenate_datasets([dataset["validation"], dataset["test"]])
     threshold = copy_threshold(list(held_out["image"]), bank, embedder, 95.0)
     distinct = sorted({p: i for i, p in reversed(list(enumerate(train["prompt"])))}.values())
-    classifier = train_classifier(dataset, ClassifierConfig(seed=config.seed, progress=False))
+    # 64 features: fewer than the 120 generations of the ordinary prompts, so FID's
+    # covariances are full rank at the demo's sizes
+    classifier = train_classifier(
+        dataset, ClassifierConfig(seed=config.seed, feature_dim=64, progress=False)
+    )
     classifier.save(out / "classifier", overwrite=True)
     metrics = Metrics(classifier, [train_images[i] for i in distinct])
     labels_of = label_matrix(train)
@@ -201,8 +205,8 @@ def run_mitigation_stage(
 
 def print_tables(inference: pd.DataFrame, training: pd.DataFrame) -> None:
     """The headline tables."""
-    columns = ["method", "group", "copy_rate", "own_similarity", "fid", "fidelity", "score"]
-    columns += ["seconds_per_prompt"]
+    columns = ["method", "group", "copy_rate", "copy_rate_change", "own_similarity", "fid"]
+    columns += ["fid_change", "fidelity", "score", "seconds_per_prompt"]
     print(inference[[c for c in columns if c in inference]].round(3).to_string(index=False))
     columns = ["model", "group", "copy_rate", "own_similarity", "fid", "fidelity"]
     print(training[[c for c in columns if c in training]].round(3).to_string(index=False))
