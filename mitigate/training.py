@@ -169,12 +169,20 @@ class MagnitudeFilter:
 
     threshold: float | None = None
     top_fraction: float | None = None
+    # Our extension: rank m_t / (its running mean in the same timestep bin). Raw m_t varies
+    # ~4x with t, so within a batch the raw ranking mostly picks timesteps, not samples; the
+    # threshold then applies to that ratio (1.0 = typical for the timestep).
+    per_timestep: bool = False
+    timestep_bins: int = 10
+    num_train_timesteps: int = 1000
+    momentum: float = 0.99  # of the running means (an exponential moving average per bin)
     counts: DropCounts = field(default_factory=DropCounts, init=False, repr=False)
     steps: int = field(default=0, init=False, repr=False)
     last_magnitudes: list[float] = field(default_factory=list, init=False, repr=False)
     last_dropped: list[bool] = field(default_factory=list, init=False, repr=False)
     last_conditioned: list[bool] = field(default_factory=list, init=False, repr=False)
     _warned: bool = field(default=False, init=False, repr=False)
+    running: list[float | None] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if (self.threshold is None) == (self.top_fraction is None):
@@ -188,6 +196,9 @@ class MagnitudeFilter:
             raise ChexmemError(
                 f"the filter's top fraction must be in (0, 1), got {self.top_fraction}"
             )
+        if self.timestep_bins < 1 or not 0 <= self.momentum < 1:
+            raise ChexmemError("timestep_bins must be >= 1 and momentum in [0, 1)")
+        self.running = [None] * self.timestep_bins
 
     @property
     def seen(self) -> int:
@@ -205,7 +216,27 @@ class MagnitudeFilter:
             "method": "magnitude_filter",
             "threshold": self.threshold,
             "top_fraction": self.top_fraction,
-        }
+            "per_timestep": self.per_timestep,
+            **({"timestep_bins": self.timestep_bins, "momentum": self.momentum}
+               if self.per_timestep else {}),
+        }  # fmt: skip
+
+    def relative(self, magnitudes: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """m_t over the running mean of its timestep bin (before this batch), then update."""
+        bins = (timesteps.long() * self.timestep_bins // self.num_train_timesteps).clamp(
+            0, self.timestep_bins - 1
+        )
+        values = magnitudes.tolist()
+        ratios = []
+        for value, b in zip(values, bins.tolist(), strict=True):
+            mean = self.running[b]
+            ratios.append(value / mean if mean else 1.0)
+        for value, b in zip(values, bins.tolist(), strict=True):
+            mean = self.running[b]
+            self.running[b] = (
+                value if mean is None else self.momentum * mean + (1 - self.momentum) * value
+            )
+        return torch.tensor(ratios, dtype=magnitudes.dtype, device=magnitudes.device)
 
     def drop_mask(self, magnitudes: torch.Tensor, conditioned: torch.Tensor) -> torch.Tensor:
         """Which samples to drop, given their m_t and whether their conditioning was kept."""
@@ -232,7 +263,12 @@ class MagnitudeFilter:
         """Weights (B,) for the step's samples: 0 for those dropped, 1 for the rest."""
         magnitudes = step_magnitudes(step)
         conditioned = ~step.conditioning_dropped.to(magnitudes.device).bool()
-        drop = self.drop_mask(magnitudes, conditioned)
+        scores = magnitudes
+        if self.per_timestep:  # conditioning-dropped samples (m_t = 0) stay out of the means
+            kept = conditioned.nonzero().flatten()
+            scores = torch.zeros_like(magnitudes)
+            scores[kept] = self.relative(magnitudes[kept], step.timesteps[kept])
+        drop = self.drop_mask(scores, conditioned)
         copies = step.batch.get("copies")
         self.counts.update(
             drop.tolist(),

@@ -71,6 +71,8 @@ class TrainConfig:
     # magnitude is >= a threshold, or the top fraction of each micro-batch (Wen et al.)
     memorization_filter_threshold: float | None = None
     memorization_filter_top_fraction: float | None = None
+    # rank m_t against its running mean at the same timestep (m_t varies ~4x with t)
+    memorization_filter_per_timestep: bool = False
     # caption randomisation (Somepalli et al.): random_caption or random_word_addition
     caption_augmentation: str | None = None
     caption_augmentation_prob: float = 0.1
@@ -196,6 +198,11 @@ class TrainConfig:
             raise ChexmemError("--memorization_filter_threshold must be >= 0")
         if fraction is not None and not 0 < fraction < 1:
             raise ChexmemError("--memorization_filter_top_fraction must be in (0, 1)")
+        if self.memorization_filter_per_timestep and not self.memorization_filter:
+            raise ChexmemError(
+                "--memorization_filter_per_timestep needs --memorization_filter_threshold or "
+                "--memorization_filter_top_fraction"
+            )
         if self.caption_augmentation not in (None, *CAPTION_AUGMENTATIONS):
             raise ChexmemError(
                 "--caption_augmentation must be one of "

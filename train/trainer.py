@@ -442,6 +442,7 @@ def run_sample_weighter(
     return MagnitudeFilter(
         threshold=config.memorization_filter_threshold,
         top_fraction=config.memorization_filter_top_fraction,
+        per_timestep=config.memorization_filter_per_timestep,
     )
 
 

@@ -236,3 +236,24 @@ def test_training_sees_augmented_captions_fresh_each_epoch_with_cached_latents(
     assert all(c != originals[r] for _, r, c in seen)
     by_epoch = {(e, r): c for e, r, c in seen}
     assert sum(by_epoch[0, r] != by_epoch[1, r] for r in range(8)) >= 7
+
+
+def test_per_timestep_ranking_picks_the_outlier_not_the_noisy_timestep() -> None:
+    import torch
+
+    from mitigate.training import MagnitudeFilter
+
+    flt = MagnitudeFilter(top_fraction=0.25, per_timestep=True, momentum=0.5)
+    timesteps = torch.tensor([50, 50, 950, 950])
+    for _ in range(5):  # warm up: m_t is ~4 at t = 50 and ~1 at t = 950
+        flt.relative(torch.tensor([4.0, 4.0, 1.0, 1.0]), timesteps)
+    # raw m_t would drop a t = 50 sample; relative to its timestep, the t = 950 one stands out
+    magnitudes = torch.tensor([4.1, 3.9, 1.0, 2.0])
+    ratios = flt.relative(magnitudes, timesteps)
+    assert ratios[3] == pytest.approx(2.0) and ratios[0] == pytest.approx(4.1 / 4.0)
+    drop = flt.drop_mask(ratios, torch.ones(4, dtype=torch.bool))
+    assert drop.tolist() == [False, False, False, True]
+    assert MagnitudeFilter(top_fraction=0.25).drop_mask(magnitudes, drop | True).tolist() == [
+        True, False, False, False,
+    ]  # fmt: skip
+    assert flt.describe()["per_timestep"] is True
