@@ -71,8 +71,13 @@ def adjust_embedding(
     target: float,
     lr: float = 0.05,
     max_iterations: int = 10,
+    flag_threshold: float | None = None,
 ) -> AdjustedEmbedding:
     """Adjust each prompt's e_p (all rows but BOS) until its first-step magnitude <= target.
+
+    With `flag_threshold`, only prompts whose starting magnitude reaches it (those detection
+    flags) are adjusted; the others keep their embedding, so a strict target does not touch
+    ordinary prompts.
 
     `prompt_embeds` is (P, tokens, dim); `latents` holds the x_T of every prompt's
     generations, grouped by prompt (P * n rows, as `initial_latents` makes them). Prompts
@@ -113,6 +118,8 @@ def adjust_embedding(
                 samples = torch.cat([torch.arange(i * n, (i + 1) * n) for i in chunk]).to(device)
                 loss = _first_step_magnitude(pipe, model_input[samples], t, embeds, eps_u[samples])
                 above = loss.detach() > target
+                if iteration == 0 and flag_threshold is not None:
+                    above &= loss.detach() >= flag_threshold
                 for i, value in zip(chunk, loss.tolist(), strict=True):
                     losses[i].append(value)
                 if iteration < max_iterations and bool(above.any()):
@@ -173,6 +180,7 @@ class EmbeddingAdjustment(Mitigation):
     target: float | None = None  # stop once the first-step magnitude <= target
     lr: float = 0.05
     max_iterations: int = 10
+    flag_threshold: float | None = None  # adjust only prompts starting at or above this
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.max_iterations < 0:
@@ -215,6 +223,7 @@ class EmbeddingAdjustment(Mitigation):
             self.target,
             self.lr,
             self.max_iterations,
+            self.flag_threshold,
         )
         self.last_losses, self.last_iterations = adjusted.losses, adjusted.iterations
         return adjusted.embeds

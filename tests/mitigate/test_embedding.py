@@ -63,6 +63,18 @@ def test_a_target_above_the_start_changes_nothing(pipe, start) -> None:
     assert torch.equal(out.embeds, embeds)
 
 
+def test_only_flagged_prompts_are_adjusted(pipe, start) -> None:
+    embeds, latents, scores = start
+    high = int(np.argmax(scores))
+    flag = float(scores.max()) - 1e-6  # only the higher-scoring prompt is flagged
+    out = adjust_embedding(
+        pipe, embeds, latents, CONFIG, 0.8 * float(scores.min()), flag_threshold=flag
+    )
+    assert out.iterations[1 - high] == 0 and out.iterations[high] > 0
+    assert torch.equal(out.embeds[1 - high], embeds[1 - high])
+    assert not torch.equal(out.embeds[high], embeds[high])
+
+
 def test_prompts_adjusted_together_equal_prompts_adjusted_alone(pipe, start) -> None:
     embeds, latents, scores = start
     target = 0.8 * float(scores.min())
