@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +68,15 @@ class DemoConfig:
     generations_per_prompt: int = 4
     inference_steps: int = 25
     vae_train_steps: int = 300
-    # training-time filter (Wen et al.): drop the top fraction of each batch by m_t
+    # training-time filter (Wen et al.): drop the top fraction of each batch by m_t relative
+    # to its timestep's running mean (raw m_t mostly ranks timesteps: docs/benchmarks.md)
     filter_top_fraction: float = 0.25
+    # capacity control needs a trained base (LoRA on a random UNet learns nothing): the tiny
+    # model is first trained on other phantom patients (no duplicates), standing in for SD's
+    # pretraining; full / LoRA / subset fine-tunes then start from it, text encoder frozen
+    pretrain_patients: int = 300
+    pretrain_steps: int = 1000
+    capacity_steps: int = 800
     lora_preset: str = "lora_r4"
     subset_preset: str = "attention"
     seed: int = 0
@@ -122,43 +129,51 @@ def run_model_stage(config: DemoConfig) -> Path:
     return path
 
 
-def train_flags(config: DemoConfig, base: Path, data: Path, dropout: float, out: Path) -> list[str]:
-    """`chexmem train` flags of one demo fine-tune (full, UNet + the untrained text encoder).
+@dataclass
+class FineTune:
+    """One demo fine-tune: where it starts, what it learns, and how it differs."""
+
+    base: Path
+    data: Path
+    dropout: float = 0.1  # conditioning dropout (0: no classifier-free guidance)
+    extra: list[str] = field(default_factory=list)  # further `chexmem train` flags
+    steps: int | None = None  # None: the demo's max_train_steps
+    text_encoder: bool = True  # train it (the tiny model's starts untrained)
+
+
+def train_flags(config: DemoConfig, run: FineTune, out: Path) -> list[str]:
+    """`chexmem train` flags of one demo fine-tune.
 
     Latents are cached: the phantoms are already at the model's size, so nothing is lost.
     """
+    steps = run.steps or config.max_train_steps
     return [
-        "--pretrained_model_name_or_path", str(base),
-        "--train_data_dir", str(data),
+        "--pretrained_model_name_or_path", str(run.base),
+        "--train_data_dir", str(run.data),
         "--output_dir", str(out),
         "--overwrite_output_dir",
-        "--conditioning_dropout_prob", str(dropout),
-        "--train_text_encoder",  # the tiny model's text encoder starts untrained
-        "--max_train_steps", str(config.max_train_steps),
+        "--conditioning_dropout_prob", str(run.dropout),
+        *(["--train_text_encoder"] if run.text_encoder else []),
+        "--max_train_steps", str(steps),
         "--train_batch_size", str(config.train_batch_size),
         "--learning_rate", str(config.learning_rate),
         "--lr_scheduler", config.lr_scheduler,
         "--lr_warmup_steps", "50",
-        "--checkpointing_steps", str(max(500, config.max_train_steps // 2)),
+        "--checkpointing_steps", str(max(500, steps // 2)),
         "--checkpoints_total_limit", "1",
         "--logging_steps", "25",
         "--seed", str(config.seed),
         "--report_to", "jsonl",
         "--cache_latents",
+        *run.extra,
     ]  # fmt: skip
 
 
-def run_train_stage(
-    config: DemoConfig, base: Path, data: Path, variants: dict[str, tuple[float, list[str]]]
-) -> dict[str, Path]:
-    """The fine-tunes (name -> conditioning dropout, extra flags) as parallel processes.
-
-    One `python -m train` process per variant, one thread each, all started at once.
-    """
+def run_train_stage(config: DemoConfig, variants: dict[str, FineTune]) -> dict[str, Path]:
+    """The fine-tunes as parallel processes (one `python -m train` each, one thread each)."""
     out = Path(config.output_dir)
     commands = {
-        name: ["train", *train_flags(config, base, data, dropout, out / name), *extra]
-        for name, (dropout, extra) in variants.items()
+        name: ["train", *train_flags(config, run, out / name)] for name, run in variants.items()
     }
     run_parallel(commands, {name: out / name / "train.log" for name in variants})
     for name in variants:
@@ -170,19 +185,48 @@ def run_train_stage(
     return {name: out / name for name in variants}
 
 
-def demo_variants(config: DemoConfig) -> dict[str, tuple[float, list[str]]]:
-    """Every fine-tune of the demo: name -> (conditioning dropout, extra `train` flags)."""
-    variants: dict[str, tuple[float, list[str]]] = {
-        "finetune-cfg": (0.1, []),
-        "finetune-nocfg": (0.0, []),
-    }
+def first_round(config: DemoConfig, base: Path, data: Path) -> dict[str, FineTune]:
+    """Fine-tunes of the random-start tiny model: CFG, no CFG, CFG with the filter; and the
+    base for capacity control, trained on other phantom patients."""
+    runs = {"finetune-cfg": FineTune(base, data), "finetune-nocfg": FineTune(base, data, 0.0)}
     if not config.skip_mitigation:
-        variants["finetune-cfg-filter"] = (
-            0.1, ["--memorization_filter_top_fraction", str(config.filter_top_fraction)]
-        )  # fmt: skip
-        variants["finetune-cfg-lora"] = (0.1, ["--trainable_preset", config.lora_preset])
-        variants["finetune-cfg-subset"] = (0.1, ["--trainable_preset", config.subset_preset])
-    return variants
+        flags = ["--memorization_filter_top_fraction", str(config.filter_top_fraction)]
+        flags.append("--memorization_filter_per_timestep")
+        runs["finetune-cfg-filter"] = FineTune(base, data, extra=flags)
+        other = run_pretrain_data(config)
+        runs["pretrained"] = FineTune(base, other, steps=config.pretrain_steps)
+    return runs
+
+
+def capacity_round(config: DemoConfig, pretrained: Path, data: Path) -> dict[str, FineTune]:
+    """Full, LoRA and subset fine-tunes of the pretrained base (text encoder frozen)."""
+
+    def run(extra: list[str]) -> FineTune:
+        return FineTune(
+            pretrained, data, extra=extra, steps=config.capacity_steps, text_encoder=False
+        )
+
+    return {
+        "capacity-full": run([]),
+        "capacity-lora": run(["--trainable_preset", config.lora_preset]),
+        "capacity-subset": run(["--trainable_preset", config.subset_preset]),
+    }
+
+
+def run_pretrain_data(config: DemoConfig) -> Path:
+    """Phantom patients disjoint from the demo's (another seed), without duplicates."""
+    out = Path(config.output_dir) / "pretrain-data"
+    if (out / "dataset_dict.json").exists() and not config.overwrite:
+        return out
+    phantom = generate_phantom(
+        PhantomConfig(
+            num_patients=config.pretrain_patients,
+            max_studies_per_patient=config.max_studies_per_patient,
+            resolution=config.resolution,
+            seed=config.seed + 1,
+        )
+    )
+    return save_dataset(phantom, out, overwrite=True)
 
 
 def detection_prompts(data: Path, config: DemoConfig) -> pd.DataFrame:
@@ -421,20 +465,22 @@ def run_demo(config: DemoConfig) -> None:
         print(
             f"== fine-tune: {config.max_train_steps} steps with CFG (dropout 0.1) and without (0.0)"
         )
-        variants = demo_variants(config)
-        if len(variants) > 2:
-            print(f"   and, for the mitigation stage, {', '.join(list(variants)[2:])}")
-        models = run_train_stage(config, base, data, variants)
+        first = first_round(config, base, data)
+        if len(first) > 2:
+            print(f"   and, for the mitigation stage, {', '.join(list(first)[2:])}")
+        models = run_train_stage(config, first)
         print("== detect: noise magnitude vs copy similarity (both models in parallel)")
         guided = {"cfg": (models["finetune-cfg"], 7.5), "nocfg": (models["finetune-nocfg"], 1.0)}
         run_detect_stage(config, data, guided)
         if not config.skip_mitigation:
             from scripts.mitigation_stage import run_mitigation_stage
 
+            capacity = capacity_round(config, models["pretrained"], data)
+            print(f"== capacity control: {', '.join(capacity)}, {config.capacity_steps} steps")
+            models |= run_train_stage(config, capacity)
             print("== mitigate: every method against none, same prompts, seeds and threshold")
             frame = pd.read_csv(Path(config.output_dir) / "detect_cfg_prompts.csv")
-            extra = {name: models[name] for name in list(variants)[2:]}
-            run_mitigation_stage(config, data, models["finetune-cfg"], frame, extra)
+            run_mitigation_stage(config, data, models, frame)
     (Path(config.output_dir) / "demo_config.json").write_text(json.dumps(asdict(config), indent=1))
     print(
         f"== demo finished in {time.perf_counter() - start:.1f} s; outputs in {config.output_dir}/"

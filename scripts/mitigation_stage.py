@@ -3,9 +3,9 @@
 1. Inference-time methods on the CFG model, on the prompts detection flags as memorized
    (training prompts whose step-1 score reaches the 95th percentile of held-out prompts')
    and on ordinary training prompts it does not flag.
-2. Training-time filter and capacity control: the fine-tunes made with the filter, with
-   LoRA and with a parameter subset (same data and steps), against the plain CFG fine-tune,
-   on the duplicated rows and the ordinary prompts.
+2. The training-time filter: the CFG fine-tune made with it (same data, steps and seed)
+   against the plain one, on the duplicated rows and the ordinary prompts;
+3. Capacity control: full, LoRA and parameter-subset fine-tunes of one pretrained base.
 
 Fixed across all of them: the copy threshold (95th percentile of held-out real images'
 nearest-training NCC), the generations' seeds, and the quality features (a findings
@@ -107,10 +107,20 @@ def comparison_grid(report: MitigationReport, train_images: list[Any], path: Pat
     contact_sheet(tiles, captions, tile=96, columns=len(methods) + 1, caption_lines=2).save(path)
 
 
+def compare_models(models: dict[str, Path], setup: EvaluationSetup) -> pd.DataFrame:
+    """Each model, unmitigated, on the same prompts and seeds: one row per (model, group)."""
+    rows = []
+    for name, path in models.items():
+        table = evaluate_methods(load_pipeline(path), setup, {"none": Mitigation()}).table
+        rows.append(table.drop(columns="method").assign(model=name))
+    return pd.concat(rows, ignore_index=True)
+
+
 def run_mitigation_stage(
-    config: Any, data: Path, model: Path, frame: pd.DataFrame, variants: dict[str, Path]
+    config: Any, data: Path, models: dict[str, Path], frame: pd.DataFrame
 ) -> dict[str, Any]:
     """Every mitigation against none; `frame` is the CFG model's detection table."""
+    model = models["finetune-cfg"]
     out = Path(config.output_dir)
     dataset = load_dataset_dir(data)
     train = dataset["train"]
@@ -144,7 +154,10 @@ def run_mitigation_stage(
         )  # fmt: skip
 
     held_out_scores = frame.loc[frame["group"] == "held_out", "score_step1"].to_numpy()
-    target = calibrate_target(held_out_scores, 0.95)
+    target = calibrate_target(held_out_scores, 0.95)  # detection's flag
+    # the embedding is pushed down to the 10th percentile: stopping at the flag itself left
+    # the copies in place on the tiny model (docs/benchmarks.md)
+    embedding_target = calibrate_target(held_out_scores, 0.1)
     prompts = flagged_prompts(frame, target)
     memorized = list(prompts.loc[prompts["group"] == "memorized", "prompt"])
     pipe = load_pipeline(model)
@@ -158,7 +171,9 @@ def run_mitigation_stage(
     print(f"NEMO: tau_mem {tau_mem:.3f}, {neurons.describe()['num_neurons']} neurons blocked")
     methods: dict[str, Mitigation] = {
         "none": Mitigation(),
-        "embedding": EmbeddingAdjustment(target=target),
+        "embedding": EmbeddingAdjustment(
+            target=embedding_target, max_iterations=30, flag_threshold=target
+        ),
         "neurons": neurons,
         "trigger_tokens": TriggerTokenEdit(
             top_k=2, num_inference_steps=config.inference_steps, seed=config.seed
@@ -171,18 +186,31 @@ def run_mitigation_stage(
     report = evaluate_methods(pipe, setup(prompts), methods)
     comparison_grid(report, train_images, out / "mitigation_grid.png", 4)
 
-    models = {"full (plain)": model, **variants}
-    truth = ground_truth_prompts(frame)
-    rows = []
-    for name, path in models.items():
-        table = evaluate_methods(load_pipeline(path), setup(truth), {"none": Mitigation()}).table
-        rows.append(table.assign(model=name))
-    training_table = pd.concat(rows, ignore_index=True)
+    truth = setup(ground_truth_prompts(frame))
+    training_table = compare_models(
+        {"plain": model, "filter": models["finetune-cfg-filter"]}, truth
+    )
+    capacity_table = compare_models(
+        {
+            "full": models["capacity-full"],
+            "lora_r4": models["capacity-lora"],
+            "subset": models["capacity-subset"],
+        },
+        truth,
+    )
+    capacity_table["trainable_share"] = capacity_table["model"].map(
+        {
+            "full": _share(models["capacity-full"]),
+            "lora_r4": _share(models["capacity-lora"]),
+            "subset": _share(models["capacity-subset"]),
+        }
+    )
 
     summary = {
         "copy_threshold": threshold,
         "copy_embedder": embedder.name,
-        "embedding_target": target,
+        "detection_flag": target,
+        "embedding_target": embedding_target,
         "features": metrics.extractor.name,
         "memorized_prompts": len(memorized),
         "ordinary_prompts": int((prompts["group"] == "ordinary").sum()),
@@ -194,19 +222,28 @@ def run_mitigation_stage(
         "methods": {name: run.description for name, run in report.runs.items()},
         "inference": report.table.to_dict(orient="records"),
         "training": training_table.to_dict(orient="records"),
+        "capacity": capacity_table.to_dict(orient="records"),
         "magnitude_config": asdict(magnitude),
     }
     report.table.to_csv(out / "mitigation_inference.csv", index=False)
     training_table.to_csv(out / "mitigation_training.csv", index=False)
+    capacity_table.to_csv(out / "mitigation_capacity.csv", index=False)
     (out / "mitigation.json").write_text(json.dumps(summary, indent=1, default=str))
-    print_tables(report.table, training_table)
+    print_tables(report.table, training_table, capacity_table)
     return summary
 
 
-def print_tables(inference: pd.DataFrame, training: pd.DataFrame) -> None:
+def _share(run: Path) -> float:
+    """The trainable share of a fine-tune, from its run file."""
+    return float(json.loads((run / "chexmem_train.json").read_text())["trainable_share"])
+
+
+def print_tables(inference: pd.DataFrame, training: pd.DataFrame, capacity: pd.DataFrame) -> None:
     """The headline tables."""
     columns = ["method", "group", "copy_rate", "copy_rate_change", "own_similarity", "fid"]
     columns += ["fid_change", "fidelity", "score", "seconds_per_prompt"]
     print(inference[[c for c in columns if c in inference]].round(3).to_string(index=False))
     columns = ["model", "group", "copy_rate", "own_similarity", "fid", "fidelity"]
     print(training[[c for c in columns if c in training]].round(3).to_string(index=False))
+    columns.append("trainable_share")
+    print(capacity[[c for c in columns if c in capacity]].round(4).to_string(index=False))

@@ -116,6 +116,7 @@ def test_console_script_runs_the_demo(tmp_path: Path) -> None:
         "--train_batch_size", "4", "--vae_train_steps", "5", "--ordinary_prompts", "3",
         "--held_out_prompts", "2",
         "--generations_per_prompt", "2", "--inference_steps", "2",
+        "--pretrain_patients", "8", "--pretrain_steps", "2", "--capacity_steps", "2",
     ]  # fmt: skip
     result = subprocess.run(
         command, capture_output=True, text=True, env=env, timeout=600, check=False
@@ -150,9 +151,11 @@ def test_console_script_runs_the_demo(tmp_path: Path) -> None:
     assert {"random_tokens_1", "random_tokens_4", "random_tokens_10"} <= methods
     for row in mitigation["inference"]:
         assert 0 <= row["copy_rate"] <= 1 and row["fid"] >= 0
-    models = {row["model"] for row in mitigation["training"]}
-    assert models == {"full (plain)", "finetune-cfg-filter", "finetune-cfg-lora",
-                      "finetune-cfg-subset"}  # fmt: skip
+    assert {row["model"] for row in mitigation["training"]} == {"plain", "filter"}
+    capacity = {row["model"]: row for row in mitigation["capacity"]}
+    assert set(capacity) == {"full", "lora_r4", "subset"}
+    assert capacity["lora_r4"]["trainable_share"] < capacity["full"]["trainable_share"]
     run = json.loads((demo / "finetune-cfg-filter" / "chexmem_train.json").read_text())
     assert run["sample_weighting"]["samples_seen"] > 0
+    assert run["sample_weighting"]["weighter"]["per_timestep"] is True
     assert "chexmem-findings-cnn" in mitigation["features"]
