@@ -193,6 +193,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if "own_index" not in frame and "train_index" in frame:
         frame["own_index"] = frame["train_index"]
     setup = EvaluationSetup(frame, bank, embedder, threshold, config)
+    if args.classifier:
+        from detect.classifier import FindingsClassifier, label_matrix
+        from mitigate.evaluate import ClassifierMetrics
+
+        metrics = ClassifierMetrics(FindingsClassifier.load(args.classifier), train["image"])
+        labels = label_matrix(train)
+        own = frame["own_index"].to_numpy() if "own_index" in frame else np.full(len(frame), -1)
+        setup.quality, setup.fidelity = metrics.quality, metrics.fidelity
+        setup.labels = np.where((own >= 0)[:, None], labels[np.maximum(own, 0)], np.nan)
+        print(f"quality features: {metrics.extractor.name}")
     methods = {}
     for spec in args.methods:
         label, name, settings = parse_method(spec)
@@ -216,6 +226,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         out / "mitigation.json",
     )
     columns = ["method", "group", "copy_rate", "own_similarity", "diversity", "score"]
+    columns += [c for c in ("fid", "fidelity") if c in report.table]
     print(report.table[[*columns, "seconds_per_prompt"]].to_string(index=False))
 
 
@@ -266,6 +277,11 @@ def add_mitigate_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=64, help="NCC comparison size")
     p.add_argument("--percentile", type=float, default=95.0)
     p.add_argument("--copy_threshold", type=float, help="(default: calibrated)")
+    p.add_argument(
+        "--classifier",
+        help="a findings classifier folder (detect.classifier): adds FID / KID with its "
+        "features against the training images, and conditioning fidelity",
+    )
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--output_dir", default="chexmem-mitigate")
     add_config_flag(p)

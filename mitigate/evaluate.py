@@ -19,7 +19,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from detect.classifier import FindingsClassifier, conditioning_fidelity
 from detect.magnitude import MagnitudeConfig, decode_latents
+from detect.quality import ClassifierFeatures, quality
 from detect.similarity import Embedder, TrainingBank, match_generations, prompt_diversity
 from hf_datasets.errors import ChexmemError
 from mitigate.base import Mitigation, generate
@@ -28,6 +30,27 @@ from mitigate.base import Mitigation, generate
 QualityFn = Callable[[list[Any]], dict[str, float]]
 # A conditioning measure: (generated images, (N, findings) labels of their prompts) -> value
 FidelityFn = Callable[[list[Any], np.ndarray], float]
+
+
+class ClassifierMetrics:
+    """FID / KID (the classifier's features) against fixed real images, and conditioning
+    fidelity (the classifier's findings against the prompts' labels)."""
+
+    def __init__(self, classifier: FindingsClassifier, real_images: list[Any]) -> None:
+        self.classifier = classifier
+        self.extractor = ClassifierFeatures(classifier)
+        self.real_features = self.extractor.features(real_images)
+
+    def quality(self, images: list[Any]) -> dict[str, float]:
+        """FID and KID of generations against the real images (NaN for fewer than 2)."""
+        if len(images) < 2:
+            return {"fid": float("nan"), "kid_mean": float("nan")}
+        result = quality(self.real_features, self.extractor.features(images), self.extractor)
+        return {"fid": result.fid, "kid_mean": result.kid_mean}
+
+    def fidelity(self, images: list[Any], labels: np.ndarray) -> float:
+        """Mean AUC over findings of the classifier's prediction against the prompts' labels."""
+        return float(conditioning_fidelity(self.classifier, images, labels).mean_auc)
 
 
 @dataclass

@@ -20,21 +20,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from datasets import concatenate_datasets
 
-from detect.classifier import (
-    ClassifierConfig,
-    FindingsClassifier,
-    conditioning_fidelity,
-    label_matrix,
-    train_classifier,
-)
+from detect.classifier import ClassifierConfig, label_matrix, train_classifier
 from detect.magnitude import MagnitudeConfig
 from detect.models import load_pipeline
 from detect.neurons import NemoConfig, calibrate_threshold, localize_prompts, reference_statistics
-from detect.quality import ClassifierFeatures, quality
 from detect.similarity import NCCEmbedder, TrainingBank
 from detect.similarity import calibrate_threshold as copy_threshold
 from hf_datasets.show import contact_sheet
@@ -42,8 +34,13 @@ from hf_datasets.storage import load_dataset_dir
 from mitigate.attention import AttentionScaling
 from mitigate.base import Mitigation
 from mitigate.embedding import EmbeddingAdjustment, calibrate_target
-from mitigate.evaluate import EvaluationSetup, MitigationReport, evaluate_methods
-from mitigate.neurons import NeuronDeactivation
+from mitigate.evaluate import (
+    ClassifierMetrics,
+    EvaluationSetup,
+    MitigationReport,
+    evaluate_methods,
+)
+from mitigate.neurons import NeuronDeactivation, perturbation_robustness
 from mitigate.tokens import RandomTokenAddition, TriggerTokenEdit
 
 
@@ -68,24 +65,6 @@ def localize(pipe: Any, memorized: list[str], reference: list[str], steps: int, 
     stats = reference_statistics(pipe, reference, nemo)
     tau = calibrate_threshold(pipe, reference, nemo)
     return localize_prompts(pipe, memorized, stats, tau, nemo), tau
-
-
-class Metrics:
-    """FID / KID and conditioning fidelity with one classifier, against fixed real images."""
-
-    def __init__(self, classifier: FindingsClassifier, real_images: list[Any]) -> None:
-        self.classifier = classifier
-        self.extractor = ClassifierFeatures(classifier)
-        self.real_features = self.extractor.features(real_images)
-
-    def quality(self, images: list[Any]) -> dict[str, float]:
-        """FID and KID of generations against the real images' features."""
-        result = quality(self.real_features, self.extractor.features(images), self.extractor)
-        return {"fid": result.fid, "kid_mean": result.kid_mean}
-
-    def fidelity(self, images: list[Any], labels: np.ndarray) -> float:
-        """Mean AUC over findings of the classifier's prediction against the prompts' labels."""
-        return float(conditioning_fidelity(self.classifier, images, labels).mean_auc)
 
 
 def comparison_grid(report: MitigationReport, train_images: list[Any], path: Path, n: int) -> None:
@@ -136,7 +115,7 @@ def run_mitigation_stage(
         dataset, ClassifierConfig(seed=config.seed, feature_dim=64, progress=False)
     )
     classifier.save(out / "classifier", overwrite=True)
-    metrics = Metrics(classifier, [train_images[i] for i in distinct])
+    metrics = ClassifierMetrics(classifier, [train_images[i] for i in distinct])
     labels_of = label_matrix(train)
     magnitude = MagnitudeConfig(
         num_inference_steps=config.inference_steps,
@@ -184,6 +163,18 @@ def run_mitigation_stage(
         "attention_scaling": AttentionScaling(),
     }
     report = evaluate_methods(pipe, setup(prompts), methods)
+    # does a small perturbation of e_p bring copying back once the neurons are blocked?
+    flagged = prompts[prompts["group"] == "memorized"]
+    robustness = pd.DataFrame()
+    if len(flagged) and neurons.union():
+        robustness = perturbation_robustness(
+            pipe, list(flagged["prompt"]), neurons.union(), (0.0, 0.05, 0.1, 0.2), magnitude,
+            config.seed, bank, embedder, list(flagged["own_index"]),
+        )  # fmt: skip
+    if len(robustness):
+        # nearest_similarity is the prompt's best generation: does any of them copy?
+        robustness["any_copy"] = robustness["nearest_similarity"] > threshold
+        robustness.to_csv(out / "mitigation_robustness.csv", index=False)
     comparison_grid(report, train_images, out / "mitigation_grid.png", 4)
 
     truth = setup(ground_truth_prompts(frame))
@@ -220,6 +211,14 @@ def run_mitigation_stage(
             "per_prompt": nemo.summary.to_dict(orient="records"),
         },
         "methods": {name: run.description for name, run in report.runs.items()},
+        "robustness": (
+            robustness.groupby(["sigma", "pruned"])[["score", "nearest_similarity", "any_copy"]]
+            .mean()
+            .reset_index()
+            .to_dict(orient="records")
+            if len(robustness)
+            else []
+        ),
         "inference": report.table.to_dict(orient="records"),
         "training": training_table.to_dict(orient="records"),
         "capacity": capacity_table.to_dict(orient="records"),

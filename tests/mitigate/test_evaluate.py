@@ -83,12 +83,18 @@ def test_cli_generate_and_evaluate(tiny_model: Path, phantom_data: Path, tmp_pat
     assert len(list((out / "images").glob("*.png"))) == 2
     assert json.loads((out / "summary.json").read_text())["mitigation"] == {"method": "none"}
 
+    from detect.classifier import ClassifierConfig, train_classifier
+
+    classifier = train_classifier(phantom_data, ClassifierConfig(epochs=1, progress=False))
+    classifier.save(tmp_path / "classifier")
     out = tmp_path / "eval"
     code = main(["mitigate", "evaluate", *common, "--prompts", str(prompts), "--dataset",
-                 str(phantom_data), "--methods", "none", "--output_dir", str(out)])  # fmt: skip
+                 str(phantom_data), "--methods", "none", "--output_dir", str(out), "--classifier",
+                 str(tmp_path / "classifier"), "--num_generations", "2"])  # fmt: skip
     assert code == 0
     table = pd.read_csv(out / "mitigation.csv")
     assert list(table["group"]) == ["memorized", "ordinary"]
+    assert (table["fid"] >= 0).all() and "fidelity" in table
     assert json.loads((out / "mitigation.json").read_text())["threshold"] > 0
 
 
