@@ -91,8 +91,13 @@ def count(neurons: Mapping[str, Sequence[int]]) -> int:
     return sum(len(channels) for channels in neurons.values())
 
 
-def read_neuron_json(path: str | Path) -> NeuronSet:
-    """The neurons in a JSON file: {layer: [channels]}, `chexmem neurons` or a pruned model."""
+def read_neuron_json(path: str | Path, min_frequency: int = 1) -> NeuronSet:
+    """The neurons in a JSON file: {layer: [channels]}, `chexmem neurons` or a pruned model.
+
+    A `chexmem neurons` file holds one set per prompt: their union, without the neurons found
+    in fewer than `min_frequency` prompts."""
+    if min_frequency < 1:
+        raise ChexmemError(f"min_frequency must be at least 1, got {min_frequency}")
     path = Path(path).expanduser()
     if path.is_dir():
         found = [path / name for name in (CLI_FILE, PRUNED_FILE) if (path / name).is_file()]
@@ -108,7 +113,18 @@ def read_neuron_json(path: str | Path) -> NeuronSet:
     if isinstance(data, dict) and isinstance(data.get("neurons"), dict):
         data = data["neurons"]
         if data and all(isinstance(v, Mapping) for v in data.values()):  # one set per prompt id
-            return union(*(as_neuron_set(v, f"{path}, prompt {k}") for k, v in data.items()))
+            sets = [as_neuron_set(v, f"{path}, prompt {k}") for k, v in data.items()]
+            counts: dict[tuple[str, int], int] = {}
+            for one in sets:
+                for layer, channels in one.items():
+                    for channel in channels:
+                        counts[(layer, channel)] = counts.get((layer, channel), 0) + 1
+            kept = [(layer, c) for (layer, c), n in counts.items() if n >= min_frequency]
+            return union(*({layer: [c]} for layer, c in kept)) if kept else {}
+    if min_frequency > 1:
+        raise ChexmemError(
+            f"{path} holds one set, not one per prompt: min_frequency needs the latter"
+        )
     return as_neuron_set(data, str(path))
 
 
@@ -296,9 +312,9 @@ class NeuronDeactivation(Mitigation):
         return cls(per_prompt=sets, mode=mode)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> NeuronDeactivation:
+    def from_json(cls, path: str | Path, min_frequency: int = 1) -> NeuronDeactivation:
         """Block the neurons of a JSON file (see `read_neuron_json`) for every prompt."""
-        return cls(neurons=read_neuron_json(path))
+        return cls(neurons=read_neuron_json(path, min_frequency))
 
     def to_json(self, path: str | Path) -> Path:
         """Write the union of the sets as {layer: [channels]}."""

@@ -178,6 +178,10 @@ def test_json_round_trip_and_the_files_chexmem_writes(tmp_path) -> None:
     (tmp_path / "neurons.json").write_text(json.dumps(cli))
     assert NeuronDeactivation.from_json(tmp_path / "neurons.json").neurons == NEURONS
     assert NeuronDeactivation.from_json(tmp_path).neurons == NEURONS  # its output folder
+    # only the neurons found in at least 2 prompts
+    assert NeuronDeactivation.from_json(tmp_path, min_frequency=2).neurons == {LAYERS[0]: [1]}
+    with pytest.raises(ChexmemError, match="one per prompt"):
+        NeuronDeactivation.from_json(path, min_frequency=2)
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ChexmemError, match="cannot read neurons"):
         NeuronDeactivation.from_json(tmp_path / "bad.json")
@@ -186,6 +190,18 @@ def test_json_round_trip_and_the_files_chexmem_writes(tmp_path) -> None:
         NeuronDeactivation.from_json(tmp_path / "odd.json")
     with pytest.raises(ChexmemError, match="no neuron file"):
         NeuronDeactivation.from_json(tmp_path / "missing.json")
+
+
+def test_chexmem_mitigate_prune(tiny_model, tmp_path) -> None:
+    from scripts.cli import main
+
+    (tmp_path / "n.json").write_text(json.dumps(NEURONS))
+    out = tmp_path / "pruned"
+    args = ["mitigate", "prune", "--model", str(tiny_model), "--neurons", str(tmp_path / "n.json")]
+    assert main([*args, "--output_dir", str(out)]) == 0
+    assert json.loads((out / PRUNED_FILE).read_text())["count"] == 4
+    assert main([*args, "--output_dir", str(out)]) == 2  # refuses to overwrite
+    assert main([*args, "--output_dir", str(out), "--overwrite"]) == 0
 
 
 def test_pruned_model_loads_with_diffusers_and_equals_the_hook(pipe, tiny_model, tmp_path) -> None:
