@@ -118,6 +118,7 @@ def test_threshold_zero_drops_every_conditioned_sample_and_changes_nothing(
         "method": "magnitude_filter",
         "threshold": 0.0,
         "top_fraction": None,
+        "per_timestep": False,
     }
     assert (weighting["samples_seen"], weighting["samples_dropped"]) == (20, 20)
     assert weighting["steps_all_dropped"] == 5 and weighting["drop_rate"] == 1.0
