@@ -12,6 +12,7 @@ from hf_datasets.cliutils import run_command, setup_logging
 from mitigate.cli import add_mitigate_commands
 from scripts.demo import add_demo_command
 from train.cli import add_model_command, add_train_command
+from train.search import add_search_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,12 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{demo,data,model,train,detect,tokens,neurons,similarity,mitigate}",
+        metavar="{demo,data,model,train,search,detect,tokens,neurons,similarity,mitigate}",
     )
     add_demo_command(subparsers)
     add_data_commands(subparsers)
     add_model_command(subparsers)
     add_train_command(subparsers)
+    add_search_command(subparsers)
     add_detect_commands(subparsers)
     add_mitigate_commands(subparsers)
     return parser
