@@ -263,8 +263,10 @@ def run_search(config: SearchConfig) -> pd.DataFrame:
     remaining = max(0, config.n_trials - done)
     if remaining:
         objective = Objective(config)
-        # a failed trial (NaN, OOM, empty mask) is recorded as FAIL and the study goes on
-        study.optimize(objective, n_trials=remaining, catch=(Exception,))
+        # a failed trial (NaN, OOM, empty mask) is recorded as FAIL and the study goes on;
+        # with several workers on one storage, each stops once the study holds n_trials
+        stop = optuna.study.MaxTrialsCallback(config.n_trials, states=None)
+        study.optimize(objective, n_trials=remaining, catch=(Exception,), callbacks=[stop])
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     return write_outputs(config, study, complete)
 
