@@ -59,6 +59,9 @@ class SearchConfig:
     lr_max: float = 1e-3
     n_trials: int = 12
     sampler: str = "nsga2"
+    # NSGA-II's generation size: its first generation is random sampling, so with Optuna's
+    # default of 50 a 12-trial study would never evolve (4: three generations in 12 trials)
+    population_size: int = 4
     storage: str | None = None  # default: sqlite:///OUTPUT_DIR/study.db
     study_name: str = "memcontrol"
     seed: int = 0
@@ -81,8 +84,8 @@ class SearchConfig:
             raise ChexmemError(f"sampler must be one of {', '.join(SAMPLERS)}")
         if not 0 < self.lr_min <= self.lr_max:
             raise ChexmemError("need 0 < lr_min <= lr_max")
-        if self.n_trials < 1 or self.max_train_steps < 1:
-            raise ChexmemError("n_trials and max_train_steps must be at least 1")
+        if self.n_trials < 1 or self.max_train_steps < 1 or self.population_size < 2:
+            raise ChexmemError("n_trials and max_train_steps >= 1 and population_size >= 2")
 
     @property
     def storage_url(self) -> str:
@@ -240,7 +243,7 @@ def make_study(config: SearchConfig) -> Any:
     import optuna
 
     sampler = (
-        optuna.samplers.NSGAIISampler(seed=config.seed)
+        optuna.samplers.NSGAIISampler(population_size=config.population_size, seed=config.seed)
         if config.sampler == "nsga2"
         else optuna.samplers.RandomSampler(seed=config.seed)
     )
