@@ -1,0 +1,77 @@
+"""MemControl benchmark: a study with one sampler, then a full fine-tune of the same budget.
+
+OMP_NUM_THREADS=1 python -m scripts.bench_search --sampler nsga2   # and --sampler random
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from detect.models import load_pipeline
+from train.config import TrainConfig
+from train.search import Objective, SearchConfig, memorization_score, quality_score, run_search
+from train.trainer import train
+
+
+def full_reference(config: SearchConfig, objective: Objective, learning_rate: float) -> dict:
+    """Both objectives of a full-UNet fine-tune with the trials' steps and batch."""
+    run = Path(config.output_dir) / "full-reference"
+    result = train(
+        TrainConfig(
+            pretrained_model_name_or_path=config.pretrained_model_name_or_path,
+            train_data_dir=config.train_data_dir,
+            output_dir=str(run),
+            overwrite_output_dir=True,
+            mode="full",
+            learning_rate=learning_rate,
+            lr_scheduler="constant",
+            max_train_steps=config.max_train_steps,
+            train_batch_size=config.train_batch_size,
+            checkpointing_steps=config.max_train_steps + 1,
+            seed=config.seed,
+            cache_latents=True,
+            report_to="jsonl",
+        )
+    )
+    pipe = load_pipeline(run)
+    train_split = objective.dataset["train"]
+    return {
+        "memorization": memorization_score(
+            pipe, train_split, config.memorization_batches, config.train_batch_size, config.seed
+        ),
+        "fid": quality_score(pipe, objective.prompts, objective.real, objective.extractor, config),
+        "trainable_share": result.trainable_params / result.total_params,
+        "learning_rate": learning_rate,
+    }
+
+
+def main() -> None:
+    """Run the study and the reference; print both."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--base", default="chexmem-demo/pretrained")
+    p.add_argument("--data", default="chexmem-demo/data")
+    p.add_argument("--sampler", choices=["nsga2", "random"], default="nsga2")
+    p.add_argument("--n_trials", type=int, default=12)
+    p.add_argument("--output_dir", default="bench-search")
+    p.add_argument("--reference_lr", type=float, default=1e-4)
+    args = p.parse_args()
+    config = SearchConfig(
+        pretrained_model_name_or_path=args.base,
+        train_data_dir=args.data,
+        output_dir=f"{args.output_dir}/{args.sampler}",
+        sampler=args.sampler,
+        n_trials=args.n_trials,
+    )
+    start = time.perf_counter()
+    table = run_search(config)
+    print(table.drop(columns=["block_mask"]).to_string())
+    print(f"search {time.perf_counter() - start:.1f} s")
+    reference = full_reference(config, Objective(config), args.reference_lr)
+    print(json.dumps({"full_reference": reference}))
+
+
+if __name__ == "__main__":
+    main()
