@@ -55,14 +55,6 @@ def _default_label(name: str, settings: dict[str, Any]) -> str:
     return name + "".join(f"_{k}{v}" for k, v in settings.items() if k != "target")
 
 
-def calibration_scores(pipe: Any, prompts: list[str], config: Any) -> np.ndarray:
-    """Step-1 scores of held-out prompts (prompt ids after the evaluated ones' range)."""
-    from detect.magnitude import noise_magnitudes
-
-    ids = list(range(100_000, 100_000 + len(prompts)))
-    return noise_magnitudes(pipe, prompts, config, ids).scores(first_k=1).to_numpy()
-
-
 def build_method(
     name: str, settings: dict[str, Any], pipe: Any, config: Any, args: argparse.Namespace
 ) -> Any:
@@ -72,11 +64,12 @@ def build_method(
     settings = dict(settings)
     if name == "embedding" and settings.get("target") is None:
         held_out = held_out_prompts(args)
-        from mitigate.embedding import calibrate_target
-
-        scores = calibration_scores(pipe, held_out, config)
-        settings["target"] = calibrate_target(scores, args.target_quantile)
-        print(f"embedding target {settings['target']:.4f} (q{args.target_quantile} of held-out)")
+        method = make_mitigation(name, **settings)
+        # prompt ids past any evaluated prompt's: the held-out seeds differ from theirs
+        ids = list(range(100_000, 100_000 + len(held_out)))
+        target = method.calibrate(pipe, held_out, config, args.target_quantile, ids)
+        print(f"embedding target {target:.4f} (q{args.target_quantile} of held-out)")
+        return method
     if name == "neurons":
         from mitigate.neurons import NeuronDeactivation
 
