@@ -37,10 +37,11 @@ def full_reference(config: SearchConfig, objective: Objective, learning_rate: fl
         )
     )
     pipe = load_pipeline(run)
-    train_split = objective.dataset["train"]
+    # a full fine-tune trains only the UNet too: the base model's inputs still apply
+    inputs = objective.duplicated
     return {
         "memorization": memorization_score(
-            pipe, train_split, config.memorization_batches, config.train_batch_size, config.seed
+            pipe, inputs, config.memorization_batches, config.train_batch_size, config.seed
         ),
         "fid": quality_score(pipe, objective.prompts, objective.real, objective.extractor, config),
         "trainable_share": result.trainable_params / result.total_params,

@@ -116,24 +116,46 @@ def sample_trial(trial: Any, config: SearchConfig, blocks: list[str]) -> TrialCo
     return TrialConfig(family, mask, lr, config.pretrained_model_name_or_path, blocks)
 
 
+@dataclass
+class DuplicatedInputs:
+    """The duplicated rows as the UNet sees them: latents and prompt embeddings.
+
+    The trials train UNet parameters only, so the VAE and text encoder stay the base
+    model's and these are computed once per study."""
+
+    latents: torch.Tensor
+    cond: torch.Tensor
+    empty: torch.Tensor
+
+
 @torch.no_grad()
-def memorization_score(pipe: Any, dataset: Any, batches: int, batch_size: int, seed: int) -> float:
-    """Wen et al.'s magnitude at random timesteps on the duplicated rows: the max of each
-    batch, averaged over `batches` batches (MemControl's memorization reward)."""
+def duplicated_inputs(pipe: Any, dataset: Any) -> DuplicatedInputs:
+    """VAE latents (posterior means) and text embeddings of each duplicated image once."""
     rows = [i for i, c in enumerate(dataset["copies"]) if c > 1]
     if not rows:
         raise ChexmemError("the training data has no duplicated rows (copies > 1) to score")
     rows = sorted({dataset[i]["prompt"]: i for i in rows}.values())  # one row per image
     images = pipe.image_processor.preprocess([dataset[i]["image"].convert("RGB") for i in rows])
     latents = pipe.vae.encode(images.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mean
-    latents = latents * pipe.vae.config.scaling_factor
-    cond = encode_prompts(pipe, [dataset[i]["prompt"] for i in rows])
-    empty = encode_prompts(pipe, [""])
+    return DuplicatedInputs(
+        latents * pipe.vae.config.scaling_factor,
+        encode_prompts(pipe, [dataset[i]["prompt"] for i in rows]),
+        encode_prompts(pipe, [""]),
+    )
+
+
+@torch.no_grad()
+def memorization_score(
+    pipe: Any, inputs: DuplicatedInputs, batches: int, batch_size: int, seed: int
+) -> float:
+    """Wen et al.'s magnitude at random timesteps on the duplicated rows: the max of each
+    batch, averaged over `batches` batches (MemControl's memorization reward)."""
+    latents, cond, empty = inputs.latents, inputs.cond, inputs.empty
     generator = torch.Generator().manual_seed(seed)
     steps = pipe.scheduler.config.num_train_timesteps
     maxima = []
     for _ in range(batches):
-        pick = torch.randint(0, len(rows), (min(batch_size, len(rows)),), generator=generator)
+        pick = torch.randint(0, len(latents), (min(batch_size, len(latents)),), generator=generator)
         t = torch.randint(0, steps, (len(pick),), generator=generator)
         noise = torch.randn(latents[pick].shape, generator=generator)
         noisy = pipe.scheduler.add_noise(latents[pick], noise.to(latents), t.to(latents.device))
@@ -172,6 +194,7 @@ class Objective:
         self.blocks = transformer_blocks(base.unet)
         if not self.blocks:
             raise ChexmemError("the UNet has no transformer blocks to mask")
+        self.duplicated = duplicated_inputs(base, self.dataset["train"])
         self.classifier = self._classifier()
         self.extractor = ClassifierFeatures(self.classifier)
         held_out = self.dataset[config.quality_split]
@@ -226,7 +249,7 @@ class Objective:
         pipe = load_pipeline(run_dir)
         memorization = memorization_score(
             pipe,
-            self.dataset["train"],
+            self.duplicated,
             self.config.memorization_batches,
             self.config.train_batch_size,
             self.config.seed,
