@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -65,8 +66,8 @@ def write_table(frame: pd.DataFrame, out: Path, name: str) -> None:
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
-    """JSON written atomically."""
-    partial = path.with_name(f".{path.name}.partial")
+    """JSON written atomically (a partial name of its own, so concurrent writers never mix)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     partial.write_text(json.dumps(data, indent=1, default=str) + "\n")
     partial.replace(path)
 

@@ -1,6 +1,7 @@
 """MemControl benchmark: a study with one sampler, then a full fine-tune of the same budget.
 
 OMP_NUM_THREADS=1 python -m scripts.bench_search --sampler nsga2   # and --sampler random
+OMP_NUM_THREADS=1 python -m scripts.bench_search --compare bench-search/nsga2 bench-search/random
 """
 
 from __future__ import annotations
@@ -10,9 +11,19 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from detect.models import load_pipeline
 from train.config import TrainConfig
-from train.search import Objective, SearchConfig, memorization_score, quality_score, run_search
+from train.search import (
+    Objective,
+    SearchConfig,
+    hypervolume,
+    memorization_score,
+    quality_score,
+    run_search,
+)
 from train.trainer import train
 
 
@@ -49,6 +60,19 @@ def full_reference(config: SearchConfig, objective: Objective, learning_rate: fl
     }
 
 
+def compare(folders: list[str]) -> dict:
+    """Hypervolume of each study's trials against one reference point (10% beyond the worst
+    memorization and FID over all studies), so fronts of different studies compare."""
+    tables = {f: pd.read_csv(Path(f) / "trials.csv").query("state == 'COMPLETE'") for f in folders}
+    columns = ["memorization", "fid"]
+    reference = np.max([t[columns].to_numpy(float).max(axis=0) for t in tables.values()], axis=0)
+    reference = reference * 1.1
+    return {
+        "reference": reference.tolist(),
+        **{f: hypervolume(t[columns].to_numpy(float), reference) for f, t in tables.items()},
+    }
+
+
 def main() -> None:
     """Run the study and the reference; print both."""
     p = argparse.ArgumentParser(description=__doc__)
@@ -58,7 +82,11 @@ def main() -> None:
     p.add_argument("--n_trials", type=int, default=12)
     p.add_argument("--output_dir", default="bench-search")
     p.add_argument("--reference_lr", type=float, default=1e-4)
+    p.add_argument("--compare", nargs="+", help="study folders: hypervolumes on one reference")
     args = p.parse_args()
+    if args.compare:
+        print(json.dumps(compare(args.compare), indent=1))
+        return
     config = SearchConfig(
         pretrained_model_name_or_path=args.base,
         train_data_dir=args.data,

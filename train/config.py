@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from hf_datasets.errors import ChexmemError
@@ -65,6 +67,9 @@ class TrainConfig:
     trainable_mask: str | None = None
     # a named capacity preset (train.subset.PRESETS): a parameter subset, or LoRA of a rank
     trainable_preset: str | None = None
+    # a configuration saved by `chexmem search` (front/trial_N.json): its family, block mask,
+    # learning rate, rank and base model; pair it with another --train_data_dir to transfer it
+    from_search: str | None = None
     # classifier-free guidance: share of training prompts replaced by the empty prompt
     conditioning_dropout_prob: float = 0.1
     # training-time mitigation (mitigate.training): drop samples whose text-conditional noise
@@ -131,8 +136,12 @@ class TrainConfig:
         """Reject impossible combinations with one clear message."""
         if self.mode not in MODES:
             raise ChexmemError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.from_search:
+            self.resolve_search()
         if self.trainable_preset:
             self.resolve_preset()
+        if self.trainable_mask:
+            self.resolve_mask()
         if self.mode == "subset" and not (
             self.trainable_params or self.trainable_mask or self.trainable_preset
         ):
@@ -140,8 +149,8 @@ class TrainConfig:
                 "--mode subset needs --trainable_params PATTERN..., --trainable_mask FILE "
                 "or --trainable_preset NAME"
             )
-        if self.mode != "subset" and (self.trainable_params or self.trainable_mask):
-            raise ChexmemError("--trainable_params / --trainable_mask need --mode subset")
+        if self.mode != "subset" and self.trainable_params:
+            raise ChexmemError("--trainable_params needs --mode subset")
         self.validate_mitigation()
         if not 0.0 <= self.conditioning_dropout_prob < 1.0:
             raise ChexmemError("--conditioning_dropout_prob must be in [0, 1)")
@@ -184,6 +193,55 @@ class TrainConfig:
                 )
             self.rank = chosen.lora_rank
         self.mode = wanted
+
+    def read_mask_spec(self, path: str, flag: str) -> dict:
+        """A block-mask JSON file (from `chexmem search` or written by hand)."""
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ChexmemError(f"{flag} {file} does not exist")
+        try:
+            spec = json.loads(file.read_text())
+        except json.JSONDecodeError as error:
+            raise ChexmemError(f"{flag} {file} is not valid JSON: {error}") from None
+        if not isinstance(spec, dict) or "block_mask" not in spec:
+            raise ChexmemError(f"{flag} {file} has no 'block_mask'")
+        return spec
+
+    def resolve_mask(self) -> None:
+        """Set the mode (and LoRA rank) a --trainable_mask implies; refuse contradictions.
+
+        A JSON block mask of family "lora" means --mode lora (adapters in the chosen blocks
+        only), any other mask --mode subset; the default --mode full gives way to either.
+        """
+        spec = {}
+        if Path(self.trainable_mask).suffix == ".json":
+            spec = self.read_mask_spec(self.trainable_mask, "--trainable_mask")
+        wanted = "lora" if spec.get("family") == "lora" else "subset"
+        if self.mode not in ("full", wanted):
+            raise ChexmemError(f"--trainable_mask {self.trainable_mask} means --mode {wanted}")
+        self.mode = wanted
+        rank = spec.get("rank")
+        if wanted == "lora" and rank is not None:
+            if self.rank not in (rank, TrainConfig.rank):
+                raise ChexmemError(
+                    f"--trainable_mask {self.trainable_mask} sets --rank {rank}; drop --rank "
+                    f"{self.rank}"
+                )
+            self.rank = int(rank)
+
+    def resolve_search(self) -> None:
+        """Take the mask, learning rate, rank and base model of a `chexmem search` result."""
+        spec = self.read_mask_spec(self.from_search, "--from_search")
+        if self.trainable_mask or self.trainable_params or self.trainable_preset:
+            raise ChexmemError(
+                "--from_search sets what is trained; drop --trainable_mask / "
+                "--trainable_params / --trainable_preset"
+            )
+        self.trainable_mask = self.from_search
+        if self.pretrained_model_name_or_path is None:
+            self.pretrained_model_name_or_path = spec.get("base_model")
+        if self.learning_rate == TrainConfig.learning_rate and "learning_rate" in spec:
+            self.learning_rate = float(spec["learning_rate"])
 
     def validate_mitigation(self) -> None:
         """The memorization filter and caption augmentation options."""

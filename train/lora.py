@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from transformers import CLIPTextModel
 from detect.models import LORA_FILE
 from hf_datasets.errors import ChexmemError
 from train.config import TrainConfig
+from train.subset import lora_block_targets
 
 LORA_WEIGHTS = LORA_FILE  # one name for the file, shared with the loader in detect.models
 
@@ -32,8 +34,13 @@ def add_lora(unet: torch.nn.Module, text_encoder: CLIPTextModel, config: TrainCo
             target_modules=targets,
         )
 
+    targets = config.lora_target_modules
+    if config.trainable_mask:  # a block mask of family "lora": adapters in those blocks only
+        targets = lora_block_targets(unet, json.loads(Path(config.trainable_mask).read_text()))
+        if not targets:
+            raise ChexmemError(f"--trainable_mask {config.trainable_mask} selects no block")
     try:
-        unet.add_adapter(lora_config(config.lora_target_modules))
+        unet.add_adapter(lora_config(targets))
         if config.train_text_encoder:
             # peft directly, not transformers' `add_adapter`: transformers >= 5.24 refuses
             # that with the newest peft on PyPI (0.21.2; it asks for >= 0.22)

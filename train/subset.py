@@ -25,6 +25,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -40,7 +41,16 @@ FAMILIES: dict[str, str] = {
     "cross_attention": r"\.attn2\.",
     "attention_kv": r"\.attn2\.to_[kv]\.",
     "bias_norm": r"(\.bias$|norm)",
+    # DiffFit (Xie et al., 2023): biases and norms, plus a learned per-channel scale
+    # (initialised to 1) on the output of each attention and feed-forward layer
+    "difffit": r"(\.bias$|norm)",
+    # LoRA per block: adapters on the attention projections of the chosen blocks (--mode lora)
+    "lora": r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
 }
+LORA_FAMILY = "lora"
+# the modules whose output DiffFit scales (a scale after a Linear folds into its weight)
+SCALED_MODULES = {"difffit": r"\.(attn[12]\.to_out\.0|ff\.net\.2)$"}
+SCALE_NAME = "difffit_scale"
 
 
 BLOCK_PATHS = ("down", "mid", "up")
@@ -83,6 +93,7 @@ class Subset:
     names: list[str]
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     description: str = ""
+    scaled: list[str] = field(default_factory=list)  # modules given a DiffFit output scale
 
 
 def transformer_blocks(unet: torch.nn.Module) -> list[str]:
@@ -108,8 +119,8 @@ def from_patterns(unet: torch.nn.Module, patterns: Sequence[str]) -> Subset:
     return Subset(names, description=f"patterns {list(patterns)}")
 
 
-def from_block_mask(unet: torch.nn.Module, spec: dict) -> Subset:
-    """Parameters of the family inside the transformer blocks the mask selects."""
+def read_block_mask(unet: torch.nn.Module, spec: dict) -> tuple[str, list[str]]:
+    """The family and the transformer blocks a block-mask spec selects (checked)."""
     blocks = transformer_blocks(unet)
     mask = spec.get("block_mask")
     family = spec.get("family", "attention")
@@ -119,14 +130,37 @@ def from_block_mask(unet: torch.nn.Module, spec: dict) -> Subset:
         raise ChexmemError(
             f"block_mask must list {len(blocks)} entries (one per transformer block), got {mask!r}"
         )
-    chosen = [b for b, keep in zip(blocks, mask, strict=True) if keep]
+    return family, [b for b, keep in zip(blocks, mask, strict=True) if keep]
+
+
+def _inside(name: str, blocks: Sequence[str]) -> bool:
+    """Whether a parameter or module name lies inside one of the blocks."""
+    return any(name.startswith(b + ".") for b in blocks)
+
+
+def from_block_mask(unet: torch.nn.Module, spec: dict) -> Subset:
+    """Parameters of the family inside the transformer blocks the mask selects."""
+    family, chosen = read_block_mask(unet, spec)
+    if family == LORA_FAMILY:
+        raise ChexmemError("a block mask of family 'lora' trains LoRA adapters: use --mode lora")
     pattern = re.compile(FAMILIES[family])
-    names = [
-        n
-        for n, _ in unet.named_parameters()
-        if any(n.startswith(b + ".") for b in chosen) and pattern.search(n)
-    ]
-    return Subset(names, description=f"block mask {mask} family {family}")
+    names = [n for n, _ in unet.named_parameters() if _inside(n, chosen) and pattern.search(n)]
+    scaled = []
+    if family in SCALED_MODULES:
+        target = re.compile(SCALED_MODULES[family])
+        scaled = [n for n, _ in unet.named_modules() if _inside(n, chosen) and target.search(n)]
+        names += [f"{n}.{SCALE_NAME}" for n in scaled]
+    return Subset(names, description=f"block mask {spec['block_mask']} family {family}",
+                  scaled=scaled)  # fmt: skip
+
+
+def lora_block_targets(unet: torch.nn.Module, spec: dict) -> list[str]:
+    """Full names of the attention projections inside the blocks a 'lora' block mask selects."""
+    family, chosen = read_block_mask(unet, spec)
+    if family != LORA_FAMILY:
+        raise ChexmemError(f"--mode lora needs a block mask of family 'lora', not {family!r}")
+    pattern = re.compile(FAMILIES[LORA_FAMILY])
+    return [n for n, _ in unet.named_modules() if _inside(n, chosen) and pattern.search(n)]
 
 
 def from_preset(unet: torch.nn.Module, name: str) -> Subset:
@@ -188,14 +222,35 @@ def select_subset(
             "--trainable_preset"
         )
     masks = {k: v for p in parts for k, v in p.masks.items() if k in names}
-    return Subset(names, masks=masks, description="; ".join(p.description for p in parts))
+    scaled = sorted({n for p in parts for n in p.scaled})
+    description = "; ".join(p.description for p in parts)
+    return Subset(names, masks=masks, description=description, scaled=scaled)
+
+
+def _scale_output(module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    """Multiply a layer's output by its DiffFit scale, per channel."""
+    return output * getattr(module, SCALE_NAME).to(output.dtype)
+
+
+def add_scales(unet: torch.nn.Module, modules: Sequence[str]) -> list[Any]:
+    """Give each named Linear a trainable per-channel output scale, initialised to 1."""
+    handles = []
+    for name in modules:
+        layer = unet.get_submodule(name)
+        if not hasattr(layer, SCALE_NAME):
+            weight = layer.weight
+            scale = torch.nn.Parameter(torch.ones(weight.shape[0], device=weight.device))
+            layer.register_parameter(SCALE_NAME, scale)
+        handles.append(layer.register_forward_hook(_scale_output))
+    return handles
 
 
 def apply_subset(unet: torch.nn.Module, subset: Subset) -> list[torch.utils.hooks.RemovableHandle]:
-    """Freeze all but the subset; mask the gradient of partly trained parameters."""
+    """Freeze all but the subset; add DiffFit scales; mask the gradient of partly trained
+    parameters."""
+    handles = add_scales(unet, subset.scaled)
     unet.requires_grad_(False)
     params = dict(unet.named_parameters())
-    handles = []
     for name in subset.names:
         params[name].requires_grad_(True)
         if name in subset.masks:
@@ -220,7 +275,12 @@ def param_groups(unet: torch.nn.Module, subset: Subset, weight_decay: float) -> 
 def save_subset(unet: torch.nn.Module, subset: Subset, out: Path, base_model: str) -> Path:
     """Write the trained tensors (and element masks) with the base model in the metadata."""
     params = dict(unet.named_parameters())
-    tensors = {n: params[n].detach().float().contiguous().cpu() for n in subset.names}
+    tensors = {
+        n: params[n].detach().float().contiguous().cpu()
+        for n in subset.names
+        if not n.endswith("." + SCALE_NAME)
+    }
+    tensors.update(folded_scales(unet, subset.scaled))
     metadata = {
         "base_model": base_model,
         "subset": subset.description,
@@ -233,6 +293,21 @@ def save_subset(unet: torch.nn.Module, subset: Subset, out: Path, base_model: st
             str(out / MASK_FILE),
         )
     return out / DELTA_FILE
+
+
+def folded_scales(unet: torch.nn.Module, modules: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Weight and bias of each scaled Linear with its scale folded in: s * (W x + b) is
+    (s W) x + s b, so a plain UNet loads the result with no extra layer."""
+    tensors = {}
+    for name in modules:
+        layer = unet.get_submodule(name)
+        scale = getattr(layer, SCALE_NAME).detach().float().cpu()
+        tensors[f"{name}.weight"] = (
+            layer.weight.detach().float().cpu() * scale[:, None]
+        ).contiguous()
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = (layer.bias.detach().float().cpu() * scale).contiguous()
+    return tensors
 
 
 def load_subset(unet: torch.nn.Module, folder: str | Path) -> dict[str, str]:

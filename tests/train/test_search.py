@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
 
+from detect.models import load_pipeline
+from hf_datasets.errors import ChexmemError
 from scripts.cli import main
-from train.search import SearchConfig, make_study, run_search
+from train.search import SearchConfig, TrialContext, hypervolume, make_study, run_search
 
 
 def config(tiny_model: Path, phantom_data: Path, out: Path, **overrides: object) -> SearchConfig:
@@ -44,7 +51,9 @@ def test_search_writes_trials_front_and_resumes(
     assert len(front) == int(table["pareto"].sum()) >= 1
     saved = json.loads(front[0].read_text())
     assert {"family", "block_mask", "learning_rate", "base_model", "trainable_share"} <= set(saved)
-    assert "--trainable_mask" in saved["command"] and (tmp_path / "s" / "pareto.png").is_file()
+    assert "--from_search" in saved["command"] and (tmp_path / "s" / "pareto.png").is_file()
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["complete"] == 2 and summary["failed"] == 1 and summary["hypervolume"] > 0
     # resume: the same study, one more trial; the first three are kept as they were
     again = run_search(config(tiny_model, phantom_data, tmp_path / "s", n_trials=4))
     assert len(again) == 4
@@ -64,3 +73,72 @@ def test_random_baseline_from_the_command_line(
                  "--num_inference_steps", "2", "--memorization_batches", "1"])  # fmt: skip
     assert code == 0
     assert len(pd.read_csv(out / "trials.csv")) == 1
+
+
+def negative_share(context: TrialContext) -> float:
+    """A user objective, loaded by name: maximise the trainable share."""
+    return -context.result.trainable_share
+
+
+def test_families_objectives_by_name_and_stage_two_transfer(
+    tiny_model: Path, phantom_data: Path, tmp_path: Path
+) -> None:
+    objectives = ["kid", "copy_rate", "tests.train.test_search:negative_share"]
+    first = config(tiny_model, phantom_data, tmp_path / "s", n_trials=2, objectives=objectives)
+    study = make_study(first)
+    off = {f"block_{i}": 0 for i in range(7)}
+    study.enqueue_trial({"family": "lora", "lora_rank": 2, **off, "block_3": 1})
+    study.enqueue_trial({"family": "difffit", **off, "block_0": 1, "block_6": 1})
+    table = run_search(first)
+    assert list(table["state"]) == ["COMPLETE", "COMPLETE"]
+    assert list(table["family"]) == ["lora", "difffit"] and table["lora_rank"].iloc[0] == 2
+    assert table["copy_rate"].between(0, 1).all() and (table["kid"] > -1).all()
+    assert (table[objectives[2]] == -table["trainable_share"]).all()
+    with pytest.raises(ChexmemError, match=r"optimises .*kid"):
+        make_study(config(tiny_model, phantom_data, tmp_path / "s"))
+    with pytest.raises(ChexmemError, match="unknown objective 'ssim'"):
+        config(tiny_model, phantom_data, tmp_path / "x", objectives=["ssim"])
+
+    # stage 2: one flag takes a front configuration to other data (another phantom cohort)
+    from hf_datasets.phantom import PhantomConfig, generate_phantom
+    from hf_datasets.storage import save_dataset
+
+    other = save_dataset(generate_phantom(PhantomConfig(num_patients=8, resolution=64, seed=7)),
+                         tmp_path / "other")  # fmt: skip
+    for saved in sorted((tmp_path / "s" / "front").glob("trial_*.json")):
+        spec = json.loads(saved.read_text())
+        out = tmp_path / f"stage2-{saved.stem}"
+        code = main(["train", "--from_search", str(saved), "--train_data_dir", str(other),
+                     "--output_dir", str(out), "--max_train_steps", "2",
+                     "--train_batch_size", "4", "--report_to", "jsonl"])  # fmt: skip
+        assert code == 0
+        run = json.loads((out / "chexmem_train.json").read_text())
+        assert run["config"]["learning_rate"] == pytest.approx(spec["learning_rate"])
+        assert run["trainable_share"] == pytest.approx(spec["trainable_share"], rel=1e-6)
+        assert run["config"]["train_data_dir"] == str(other)
+        assert load_pipeline(out).unet is not None
+
+
+def test_hypervolume_of_a_two_point_front() -> None:
+    points = np.array([[1.0, 3.0], [2.0, 1.0], [3.0, 3.5]])  # the last is dominated
+    assert hypervolume(points, np.array([4.0, 4.0])) == pytest.approx(3 * 1 + 2 * 2)
+    assert hypervolume(points, np.array([0.5, 0.5])) == 0.0
+
+
+def test_two_workers_share_one_study(tiny_model: Path, phantom_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "w"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "-m", "train.search", "--pretrained_model_name_or_path", str(tiny_model),
+               "--train_data_dir", str(phantom_data), "--output_dir", str(out),
+               "--n_trials", "4", "--max_train_steps", "2", "--train_batch_size", "4",
+               "--quality_generations", "4", "--num_inference_steps", "2",
+               "--memorization_batches", "1"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import optuna
+
+    study = optuna.load_study(study_name="memcontrol", storage=f"sqlite:///{out / 'study.db'}")
+    assert 4 <= len(study.trials) <= 5  # each worker stops once the study holds n_trials
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+    assert len(pd.read_csv(out / "trials.csv")) == len(study.trials)
