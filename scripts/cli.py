@@ -1,4 +1,4 @@
-"""The `chexmem` command: demo, data, model, train, detect, tokens (more with every stage)."""
+"""The `chexmem` command: study, demo, data, model, train, search, detect, ..., mitigate."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from detect.cli import add_detect_commands
 from hf_datasets.cli import add_data_commands
 from hf_datasets.cliutils import run_command, setup_logging
 from mitigate.cli import add_mitigate_commands
-from scripts.demo import add_demo_command
+from scripts.study import add_study_commands
 from train.cli import add_model_command, add_train_command
 from train.search import add_search_command
 
@@ -26,9 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{demo,data,model,train,search,detect,tokens,neurons,similarity,mitigate}",
+        metavar="{study,demo,data,model,train,search,detect,tokens,neurons,similarity,mitigate}",
     )
-    add_demo_command(subparsers)
+    add_study_commands(subparsers)
     add_data_commands(subparsers)
     add_model_command(subparsers)
     add_train_command(subparsers)

@@ -1,11 +1,14 @@
-"""The demo's mitigation stage: every method against none, on the same prompts and seeds.
+"""The study's mitigation stage: every method against none, on the same prompts and seeds.
 
-1. Inference-time methods on the CFG model, on the prompts detection flags as memorized
-   (training prompts whose step-1 score reaches the 95th percentile of held-out prompts')
-   and on ordinary training prompts it does not flag.
-2. The training-time filter: the CFG fine-tune made with it (same data, steps and seed)
-   against the plain one, on the duplicated rows and the ordinary prompts;
-3. Capacity control: full, LoRA and parameter-subset fine-tunes of one pretrained base.
+Two parts, run as two processes side by side (`python -m scripts.mitigation_stage --study
+OUT/study_config.json --part methods|models`):
+1. `methods`: inference-time methods on the CFG model, on the prompts detection flags as
+   memorized (training prompts whose step-1 score reaches the 95th percentile of held-out
+   prompts') and on ordinary training prompts it does not flag (`mitigation.json`);
+2. `models` (`mitigation_models.json`): the training-time filter (the CFG fine-tune made
+   with it, same data, steps and seed, against the plain one) and capacity control (full,
+   LoRA and parameter-subset fine-tunes of one pretrained base), on the duplicated rows and
+   the ordinary prompts.
 
 Fixed across all of them: the copy threshold (95th percentile of held-out real images'
 nearest-training NCC), the generations' seeds, and the quality features (a findings
@@ -15,8 +18,10 @@ images, conditioning fidelity from the prompts' labels).
 
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import asdict
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ import pandas as pd
 from datasets import concatenate_datasets
 
 from detect.classifier import ClassifierConfig, label_matrix, train_classifier
+from detect.cli import write_json
 from detect.magnitude import MagnitudeConfig
 from detect.models import load_pipeline
 from detect.neurons import NemoConfig, calibrate_threshold, localize_prompts, reference_statistics
@@ -95,11 +101,59 @@ def compare_models(models: dict[str, Path], setup: EvaluationSetup) -> pd.DataFr
     return pd.concat(rows, ignore_index=True)
 
 
-def run_mitigation_stage(
-    config: Any, data: Path, models: dict[str, Path], frame: pd.DataFrame
-) -> dict[str, Any]:
-    """Every mitigation against none; `frame` is the CFG model's detection table."""
-    model = models["finetune-cfg"]
+@dataclass
+class Context:
+    """What both parts share: data, copy threshold, quality features, generation settings."""
+
+    out: Path
+    train_images: list[Any]
+    held_out: Any
+    bank: TrainingBank
+    embedder: NCCEmbedder
+    threshold: float
+    metrics: ClassifierMetrics
+    labels: Any
+    magnitude: MagnitudeConfig
+
+    def setup(self, prompts: pd.DataFrame) -> EvaluationSetup:
+        """The evaluation of these prompts with the shared threshold, seeds and features."""
+        labels = self.labels[prompts["own_index"].to_numpy()]
+        return EvaluationSetup(
+            prompts, self.bank, self.embedder, self.threshold, self.magnitude,
+            self.metrics.quality, labels, self.metrics.fidelity,
+        )  # fmt: skip
+
+
+def shared_classifier(config: Any, dataset: Any, out: Path) -> Any:
+    """The findings classifier (quality features), trained by whichever part comes first."""
+    from filelock import FileLock
+
+    from detect.classifier import FindingsClassifier
+
+    folder, stamp = out / "classifier", out / ".classifier.done"
+    trained_on = f"seed {config.seed}, data {data_fingerprint(out / 'data')}"
+    with FileLock(str(out / ".classifier.lock")):
+        cached = (folder / "config.json").is_file() and stamp.is_file()
+        if cached and stamp.read_text() == trained_on:
+            return FindingsClassifier.load(folder)
+        # 64 features: fewer than the 120 generations of the ordinary prompts, so FID's
+        # covariances are full rank at the demo's sizes
+        classifier = train_classifier(
+            dataset, ClassifierConfig(seed=config.seed, feature_dim=64, progress=False)
+        )
+        classifier.save(folder, overwrite=True)
+        stamp.write_text(trained_on)
+    return classifier
+
+
+def data_fingerprint(data: Path) -> str:
+    """The saved dataset's split fingerprints (they change whenever the data does)."""
+    states = sorted(data.glob("*/state.json"))
+    return ",".join(json.loads(p.read_text()).get("_fingerprint", "") for p in states)
+
+
+def prepare(config: Any, data: Path) -> Context:
+    """Load the data; calibrate the copy threshold; get the quality features."""
     out = Path(config.output_dir)
     dataset = load_dataset_dir(data)
     train = dataset["train"]
@@ -109,14 +163,8 @@ def run_mitigation_stage(
     held_out = concatenate_datasets([dataset["validation"], dataset["test"]])
     threshold = copy_threshold(list(held_out["image"]), bank, embedder, 95.0)
     distinct = sorted({p: i for i, p in reversed(list(enumerate(train["prompt"])))}.values())
-    # 64 features: fewer than the 120 generations of the ordinary prompts, so FID's
-    # covariances are full rank at the demo's sizes
-    classifier = train_classifier(
-        dataset, ClassifierConfig(seed=config.seed, feature_dim=64, progress=False)
-    )
-    classifier.save(out / "classifier", overwrite=True)
+    classifier = shared_classifier(config, dataset, out)  # reused by both parts
     metrics = ClassifierMetrics(classifier, [train_images[i] for i in distinct])
-    labels_of = label_matrix(train)
     magnitude = MagnitudeConfig(
         num_inference_steps=config.inference_steps,
         num_generations=config.generations_per_prompt,
@@ -124,14 +172,32 @@ def run_mitigation_stage(
         batch_size=16,
         progress=False,
     )
+    return Context(out, train_images, held_out, bank, embedder, threshold, metrics,
+                   label_matrix(train), magnitude)  # fmt: skip
 
-    def setup(prompts: pd.DataFrame) -> EvaluationSetup:
-        labels = labels_of[prompts["own_index"].to_numpy()]
-        return EvaluationSetup(
-            prompts, bank, embedder, threshold, magnitude, metrics.quality, labels,
-            metrics.fidelity,
-        )  # fmt: skip
 
+def inference_methods(config: Any, neurons: NeuronDeactivation, targets: tuple[float, float]):
+    """Every inference-time method, each in the setting the benchmarks chose."""
+    flag, embedding_target = targets
+    methods: dict[str, Mitigation] = {
+        "none": Mitigation(),
+        "embedding": EmbeddingAdjustment(
+            target=embedding_target, max_iterations=30, flag_threshold=flag
+        ),
+        "neurons": neurons,
+        "trigger_tokens": TriggerTokenEdit(
+            top_k=2, num_inference_steps=config.inference_steps, seed=config.seed
+        ),
+        "attention_scaling": AttentionScaling(),
+    }
+    for k in config.random_tokens:
+        methods[f"random_tokens_{k}"] = RandomTokenAddition(num_tokens=k, seed=config.seed)
+    return methods
+
+
+def run_methods(config: Any, ctx: Context, model: Path, frame: pd.DataFrame) -> dict[str, Any]:
+    """Every inference-time mitigation against none; `frame` is the CFG model's detection."""
+    out = ctx.out
     held_out_scores = frame.loc[frame["group"] == "held_out", "score_step1"].to_numpy()
     target = calibrate_target(held_out_scores, 0.95)  # detection's flag
     # the embedding is pushed down to the 10th percentile: stopping at the flag itself left
@@ -141,68 +207,34 @@ def run_mitigation_stage(
     memorized = list(prompts.loc[prompts["group"] == "memorized", "prompt"])
     pipe = load_pipeline(model)
     print(f"{len(memorized)} training prompts flagged (step-1 score >= {target:.3f}, the 95th "
-          f"percentile of held-out prompts); copy threshold NCC {threshold:.3f}")  # fmt: skip
+          f"percentile of held-out prompts); copy threshold NCC {ctx.threshold:.3f}")  # fmt: skip
     nemo, tau_mem = localize(
-        pipe, memorized, list(held_out["prompt"]), config.inference_steps, config.seed
+        pipe, memorized, list(ctx.held_out["prompt"]), config.inference_steps, config.seed
     )
     neurons = NeuronDeactivation.from_report(nemo)
     neurons.to_json(out / "mitigation_neurons.json")
     print(f"NEMO: tau_mem {tau_mem:.3f}, {neurons.describe()['num_neurons']} neurons blocked")
-    methods: dict[str, Mitigation] = {
-        "none": Mitigation(),
-        "embedding": EmbeddingAdjustment(
-            target=embedding_target, max_iterations=30, flag_threshold=target
-        ),
-        "neurons": neurons,
-        "trigger_tokens": TriggerTokenEdit(
-            top_k=2, num_inference_steps=config.inference_steps, seed=config.seed
-        ),
-        "random_tokens_1": RandomTokenAddition(num_tokens=1, seed=config.seed),
-        "random_tokens_4": RandomTokenAddition(num_tokens=4, seed=config.seed),
-        "random_tokens_10": RandomTokenAddition(num_tokens=10, seed=config.seed),
-        "attention_scaling": AttentionScaling(),
-    }
-    report = evaluate_methods(pipe, setup(prompts), methods)
+    methods = inference_methods(config, neurons, (target, embedding_target))
+    report = evaluate_methods(pipe, ctx.setup(prompts), methods)
     # does a small perturbation of e_p bring copying back once the neurons are blocked?
     flagged = prompts[prompts["group"] == "memorized"]
     robustness = pd.DataFrame()
     if len(flagged) and neurons.union():
         robustness = perturbation_robustness(
-            pipe, list(flagged["prompt"]), neurons.union(), (0.0, 0.05, 0.1, 0.2), magnitude,
-            config.seed, bank, embedder, list(flagged["own_index"]),
+            pipe, list(flagged["prompt"]), neurons.union(), tuple(config.robustness_sigmas),
+            ctx.magnitude, config.seed, ctx.bank, ctx.embedder, list(flagged["own_index"]),
         )  # fmt: skip
     if len(robustness):
         # nearest_similarity is the prompt's best generation: does any of them copy?
-        robustness["any_copy"] = robustness["nearest_similarity"] > threshold
+        robustness["any_copy"] = robustness["nearest_similarity"] > ctx.threshold
         robustness.to_csv(out / "mitigation_robustness.csv", index=False)
-    comparison_grid(report, train_images, out / "mitigation_grid.png", 4)
-
-    truth = setup(ground_truth_prompts(frame))
-    training_table = compare_models(
-        {"plain": model, "filter": models["finetune-cfg-filter"]}, truth
-    )
-    capacity_table = compare_models(
-        {
-            "full": models["capacity-full"],
-            "lora_r4": models["capacity-lora"],
-            "subset": models["capacity-subset"],
-        },
-        truth,
-    )
-    capacity_table["trainable_share"] = capacity_table["model"].map(
-        {
-            "full": _share(models["capacity-full"]),
-            "lora_r4": _share(models["capacity-lora"]),
-            "subset": _share(models["capacity-subset"]),
-        }
-    )
-
+    comparison_grid(report, ctx.train_images, out / "mitigation_grid.png", 4)
     summary = {
-        "copy_threshold": threshold,
-        "copy_embedder": embedder.name,
+        "copy_threshold": ctx.threshold,
+        "copy_embedder": ctx.embedder.name,
         "detection_flag": target,
         "embedding_target": embedding_target,
-        "features": metrics.extractor.name,
+        "features": ctx.metrics.extractor.name,
         "memorized_prompts": len(memorized),
         "ordinary_prompts": int((prompts["group"] == "ordinary").sum()),
         "nemo": {
@@ -220,15 +252,43 @@ def run_mitigation_stage(
             else []
         ),
         "inference": report.table.to_dict(orient="records"),
-        "training": training_table.to_dict(orient="records"),
-        "capacity": capacity_table.to_dict(orient="records"),
-        "magnitude_config": asdict(magnitude),
+        "magnitude_config": asdict(ctx.magnitude),
     }
     report.table.to_csv(out / "mitigation_inference.csv", index=False)
-    training_table.to_csv(out / "mitigation_training.csv", index=False)
-    capacity_table.to_csv(out / "mitigation_capacity.csv", index=False)
-    (out / "mitigation.json").write_text(json.dumps(summary, indent=1, default=str))
-    print_tables(report.table, training_table, capacity_table)
+    write_json(summary, out / "mitigation.json")
+    print_table(report.table, ["method", "group", "copy_rate", "copy_rate_change",
+                               "own_similarity", "fid", "fid_change", "fidelity", "score",
+                               "seconds_per_prompt"])  # fmt: skip
+    return summary
+
+
+def run_models(
+    config: Any, ctx: Context, models: dict[str, Path], frame: pd.DataFrame
+) -> dict[str, Any]:
+    """The filtered and the capacity-controlled fine-tunes against their references."""
+    truth = ctx.setup(ground_truth_prompts(frame))
+    training = compare_models(
+        {"plain": models["finetune-cfg"], "filter": models["finetune-cfg-filter"]}, truth
+    )
+    capacity_runs = {"full": "capacity-full", "lora_r4": "capacity-lora",
+                     "subset": "capacity-subset"}  # fmt: skip
+    capacity = compare_models({k: models[v] for k, v in capacity_runs.items()}, truth)
+    capacity["trainable_share"] = capacity["model"].map(
+        {k: _share(models[v]) for k, v in capacity_runs.items()}
+    )
+    training.to_csv(ctx.out / "mitigation_training.csv", index=False)
+    capacity.to_csv(ctx.out / "mitigation_capacity.csv", index=False)
+    summary = {
+        "copy_threshold": ctx.threshold,
+        "features": ctx.metrics.extractor.name,
+        "training": training.to_dict(orient="records"),
+        "capacity": capacity.to_dict(orient="records"),
+        "magnitude_config": asdict(ctx.magnitude),
+    }
+    write_json(summary, ctx.out / "mitigation_models.json")
+    columns = ["model", "group", "copy_rate", "own_similarity", "fid", "fidelity"]
+    print_table(training, columns)
+    print_table(capacity, [*columns, "trainable_share"])
     return summary
 
 
@@ -237,12 +297,34 @@ def _share(run: Path) -> float:
     return float(json.loads((run / "chexmem_train.json").read_text())["trainable_share"])
 
 
-def print_tables(inference: pd.DataFrame, training: pd.DataFrame, capacity: pd.DataFrame) -> None:
-    """The headline tables."""
-    columns = ["method", "group", "copy_rate", "copy_rate_change", "own_similarity", "fid"]
-    columns += ["fid_change", "fidelity", "score", "seconds_per_prompt"]
-    print(inference[[c for c in columns if c in inference]].round(3).to_string(index=False))
-    columns = ["model", "group", "copy_rate", "own_similarity", "fid", "fidelity"]
-    print(training[[c for c in columns if c in training]].round(3).to_string(index=False))
-    columns.append("trainable_share")
-    print(capacity[[c for c in columns if c in capacity]].round(4).to_string(index=False))
+def print_table(table: pd.DataFrame, columns: list[str]) -> None:
+    """A headline table."""
+    print(table[[c for c in columns if c in table]].round(4).to_string(index=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m scripts.mitigation_stage --study OUT/study_config.json --part PART`."""
+    from hf_datasets.cliutils import setup_logging
+    from scripts.study import StudyConfig
+
+    p = argparse.ArgumentParser(prog="python -m scripts.mitigation_stage", description=__doc__)
+    p.add_argument("--study", required=True, help="the study's study_config.json")
+    p.add_argument("--part", choices=("methods", "models"), required=True)
+    args = p.parse_args(argv)
+    setup_logging()
+    config = StudyConfig(**json.loads(Path(args.study).read_text()))
+    out = Path(config.output_dir)
+    frame = pd.read_csv(out / "detect_cfg_prompts.csv")
+    ctx = prepare(config, out / "data")
+    names = ["finetune-cfg", "finetune-cfg-filter", "capacity-full", "capacity-lora",
+             "capacity-subset"]  # fmt: skip
+    models = {n: out / n for n in names}
+    if args.part == "methods":
+        run_methods(config, ctx, models["finetune-cfg"], frame)
+    else:
+        run_models(config, ctx, models, frame)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

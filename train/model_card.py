@@ -94,8 +94,17 @@ def _mitigation(run: dict) -> str:
     return "; ".join(parts) or "none"
 
 
-def write_model_card(output_dir: str | Path) -> Path:
-    """Write README.md with a model-index entry for the final loss; returns its path."""
+def study_section(metrics: dict[str, float]) -> str:
+    """The memorization figures a chexmem study measured on this model, as a table."""
+    rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in metrics.items())
+    return (
+        "\n## Memorization measured by the chexmem study\n\n| measure | value |\n|---|---|\n"
+        f"{rows}\n\nThe study's report (`report.html`) has the figures behind these numbers.\n"
+    )
+
+
+def write_model_card(output_dir: str | Path, study_metrics: dict[str, float] | None = None) -> Path:
+    """Write README.md (with the study's memorization figures, when given); returns its path."""
     output_dir = Path(output_dir)
     run = json.loads((output_dir / RUN_FILE).read_text())
     config = run["config"]
@@ -144,6 +153,8 @@ def write_model_card(output_dir: str | Path) -> Path:
         seconds=run["seconds"],
         usage=_usage(mode, base),
     )
+    if study_metrics:
+        text = text.replace("\n## Use\n", study_section(study_metrics) + "\n## Use\n")
     path = output_dir / "README.md"
     ModelCard(text).save(path)
     return path

@@ -1,0 +1,392 @@
+"""`chexmem study --config configs/NAME.yaml` (and `chexmem demo`): the whole study, one command.
+
+data -> fine-tunes (with and without CFG; with and without the training-time filter;
+full / LoRA / subset) -> detection -> validation against copy similarity -> mitigation ->
+validation again -> report (`metrics.json`, `report.md`, `report.html`).
+
+The study is a graph of jobs. Each job's key hashes the settings it reads and the keys of the
+jobs it needs, and a finished job leaves `.study/NAME.json` with that key: a killed study run
+again skips every finished job whose key still matches, and `--force NAME` reruns a job and
+everything after it. Fine-tunes and detection runs are `python -m train` / `python -m detect`
+processes (or `accelerate launch -m ...` with `launcher: accelerate`), run side by side up to
+`max_parallel`; the small steps run in this process. `--dry_run` builds and checks every job's
+plan (the trainer's and detector's own option checks included) without running anything, so a
+GPU config can be validated on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hf_datasets.errors import ChexmemError
+
+DATA_SOURCES = ("phantom", "chexpert", "folder")
+LAUNCHERS = ("python", "accelerate")
+
+
+@dataclass
+class StudyConfig:
+    """What a study runs; each field is a flag of `chexmem study` / `chexmem demo` and a key of
+    its YAML config. The defaults are the embedded default (phantom data, tiny model, CPU)."""
+
+    name: str = "demo"
+    output_dir: str = "chexmem-demo"
+    seed: int = 0
+    # data: the phantom generator, a CheXpert folder, or an image folder with metadata.csv;
+    # duplicates are injected in every case (the detector's ground truth)
+    data_source: str = "phantom"
+    data_root: str | None = None
+    max_rows: int | None = None  # CheXpert / folder: use only this many rows
+    frontal_only: bool = True  # CheXpert
+    # 150 patients (~220 distinct training images) with 10 images x 15 copies: duplicates fill
+    # 41% of training rows. With 60 patients (72%) the unconditional branch learned the
+    # duplicates too and the magnitude could no longer tell them apart (docs/benchmarks.md)
+    num_patients: int = 150
+    max_studies_per_patient: int = 3
+    resolution: int = 64
+    duplicated_rows: int = 10
+    copies: int = 15
+    # base model: "tiny" (built offline) or a diffusers pipeline (Hub id or folder)
+    base_model: str = "tiny"
+    vae_train_steps: int = 300
+    # fine-tuning
+    max_train_steps: int = 1600
+    train_batch_size: int = 8
+    learning_rate: float = 2e-3
+    lr_scheduler: str = "cosine"  # annealed to 0: sharper copies than a constant rate
+    lr_warmup_steps: int = 50
+    train_text_encoder: bool = True  # the tiny model's starts untrained
+    mixed_precision: str = "no"
+    train_flags: list[str] = field(default_factory=list)  # more `chexmem train` flags
+    # training-time filter (Wen et al.): drop the top fraction of each batch by m_t relative
+    # to its timestep's running mean (raw m_t mostly ranks timesteps: docs/benchmarks.md)
+    filter_top_fraction: float = 0.25
+    # capacity control needs a trained base (LoRA on a random UNet learns nothing): the tiny
+    # model is first trained on other phantom patients (no duplicates), standing in for SD's
+    # pretraining; full / LoRA / subset fine-tunes then start from it, text encoder frozen.
+    # pretrain_steps 0: they start from base_model itself (SD is pretrained already)
+    pretrain_patients: int = 300
+    pretrain_steps: int = 1000
+    capacity_steps: int = 800
+    lora_preset: str = "lora_r4"
+    subset_preset: str = "attention"
+    # detection
+    ordinary_prompts: int = 30  # non-duplicated training prompts scored by the detector
+    held_out_prompts: int = 30  # validation and test prompts scored (at most)
+    generations_per_prompt: int = 4
+    inference_steps: int = 25
+    detect_batch_size: int = 16
+    heatmap_prompts: int = 5  # top-scoring prompts whose trigger tokens the report shows
+    # mitigation
+    random_tokens: list[int] = field(default_factory=lambda: [4])  # tokens added per variant
+    robustness_sigmas: list[float] = field(default_factory=lambda: [0.0, 0.1])
+    # how jobs run
+    launcher: str = "python"  # python -m ..., or accelerate launch -m ...
+    accelerate_config: str | None = None
+    max_parallel: int = 0  # processes at once; 0: one per CPU core
+    # publishing
+    push_to_hub: bool = False
+    hub_model_id: str | None = None  # a prefix: models go to PREFIX-finetune-cfg, ...
+    hub_private: bool = True
+    # what to run
+    overwrite: bool = False
+    skip_training: bool = False
+    skip_mitigation: bool = False
+
+    def __post_init__(self) -> None:
+        if self.data_source not in DATA_SOURCES:
+            raise ChexmemError(f"data_source must be one of {', '.join(DATA_SOURCES)}")
+        if self.data_source != "phantom" and not self.data_root:
+            raise ChexmemError(f"data_source {self.data_source} needs data_root")
+        if self.launcher not in LAUNCHERS:
+            raise ChexmemError(f"launcher must be one of {', '.join(LAUNCHERS)}")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ChexmemError("push_to_hub needs hub_model_id (a prefix, e.g. you/chexmem-study)")
+        if self.max_parallel < 0:
+            raise ChexmemError("max_parallel must be >= 0 (0: one process per CPU core)")
+
+    @property
+    def out(self) -> Path:
+        """The study's folder."""
+        return Path(self.output_dir)
+
+    @property
+    def parallel(self) -> int:
+        """How many job processes run at once."""
+        return self.max_parallel or max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class Job:
+    """One step of the study: a `python -m` command, or a function run in this process."""
+
+    name: str
+    needs: list[str]
+    inputs: dict[str, Any]  # everything the job's result depends on, besides `needs`
+    command: list[str] | None = None  # module and arguments (after `python -m`)
+    run: Callable[[], Any] | None = None
+    log: Path | None = None
+    describe: str = ""
+    accelerate: bool = False  # launched with `accelerate launch` when the study says so
+    key: str = ""
+
+    def argv(self, config: StudyConfig) -> list[str]:
+        """The full command line of a command job."""
+        assert self.command is not None
+        if self.accelerate and config.launcher == "accelerate":
+            launch = [sys.executable, "-m", "accelerate.commands.launch"]
+            if config.accelerate_config:
+                launch += ["--config_file", config.accelerate_config]
+            return [*launch, "-m", *self.command]
+        return [sys.executable, "-m", *self.command]
+
+
+def job_key(job: Job, keys: dict[str, str]) -> str:
+    """A content address: the job's name, inputs and the keys of the jobs it needs."""
+    payload = {"job": job.name, "inputs": job.inputs, "needs": {n: keys[n] for n in job.needs}}
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def assign_keys(jobs: list[Job]) -> None:
+    """Give every job its key (jobs are listed after the jobs they need)."""
+    keys: dict[str, str] = {}
+    for job in jobs:
+        unknown = [n for n in job.needs if n not in keys]
+        if unknown:
+            raise ChexmemError(f"job {job.name} needs {unknown}, which come later or not at all")
+        job.key = keys[job.name] = job_key(job, keys)
+
+
+def marker(config: StudyConfig, name: str) -> Path:
+    """Where a finished job records its key."""
+    return config.out / ".study" / f"{name}.json"
+
+
+def is_done(config: StudyConfig, job: Job) -> bool:
+    """Whether the job finished before with the same key."""
+    path = marker(config, job.name)
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("key") == job.key
+    except json.JSONDecodeError:
+        return False
+
+
+def mark_done(config: StudyConfig, job: Job, seconds: float) -> None:
+    """Record a finished job (written under a temporary name, then renamed)."""
+    path = marker(config, job.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    record = {"key": job.key, "seconds": round(seconds, 1), "finished": time.time()}
+    partial.write_text(json.dumps(record))
+    partial.replace(path)
+
+
+def downstream(jobs: list[Job], names: set[str]) -> set[str]:
+    """The named jobs and every job that needs one of them, directly or not."""
+    chosen = set(names)
+    for job in jobs:
+        if chosen & set(job.needs):
+            chosen.add(job.name)
+    return chosen
+
+
+def launch(config: StudyConfig, job: Job, env: dict[str, str]) -> tuple[Any, Any, float]:
+    """Start a command job with its output going to its log."""
+    assert job.log is not None
+    print(f"== {job.name}: {job.describe} (log: {job.log})")
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    log = job.log.open("w")
+    process = subprocess.Popen(job.argv(config), stdout=log, stderr=subprocess.STDOUT, env=env)
+    return process, log, time.perf_counter()
+
+
+def run_jobs(config: StudyConfig, jobs: list[Job], force: set[str]) -> dict[str, float]:
+    """Run what is not cached, command jobs side by side up to `config.parallel`; returns
+    the seconds of each job run (0 for cached ones)."""
+    unknown = force - {j.name for j in jobs} - {"all"}
+    if unknown:
+        names = ", ".join(j.name for j in jobs)
+        raise ChexmemError(f"--force {', '.join(sorted(unknown))}: no such job; jobs: {names}")
+    rerun = {j.name for j in jobs} if "all" in force else downstream(jobs, force)
+    pending = {j.name: j for j in jobs}
+    done: dict[str, float] = {}
+    running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    try:
+        schedule(config, jobs, rerun, pending, done, running, env)
+    finally:  # a failure or Ctrl-C leaves no job process behind (unfinished jobs rerun later)
+        for process, log, _ in running.values():
+            process.terminate()
+            process.wait()
+            log.close()
+    return done
+
+
+def schedule(
+    config: StudyConfig,
+    jobs: list[Job],
+    rerun: set[str],
+    pending: dict[str, Job],
+    done: dict[str, float],
+    running: dict[str, tuple[Any, Any, float]],
+    env: dict[str, str],
+) -> None:
+    """The scheduling loop of `run_jobs`: start what is ready, collect what finished."""
+    while pending or running:
+        ready = [j for j in pending.values() if all(n in done for n in j.needs)]
+        for job in ready:  # cached jobs finish at once
+            if job.name not in rerun and is_done(config, job):
+                print(f"-- {job.name}: cached ({job.key})")
+                done[job.name] = 0.0
+                del pending[job.name]
+        for job in [j for j in ready if j.name in pending and j.command is not None]:
+            if len(running) >= config.parallel:
+                break
+            del pending[job.name]
+            running[job.name] = launch(config, job, env)
+        in_process = [j for j in ready if j.name in pending and j.run is not None]
+        if in_process:  # one at a time, while the launched processes go on
+            job = in_process[0]
+            del pending[job.name]
+            print(f"== {job.name}: {job.describe}")
+            start = time.perf_counter()
+            job.run()
+            done[job.name] = time.perf_counter() - start
+            mark_done(config, job, done[job.name])
+            continue
+        for name, (process, log, start) in list(running.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            log.close()
+            del running[name]
+            job = next(j for j in jobs if j.name == name)
+            if code != 0:
+                tail = job.log.read_text()[-2000:] if job.log else ""
+                raise ChexmemError(f"job {name} failed (exit {code}); see {job.log}:\n{tail}")
+            done[name] = time.perf_counter() - start
+            mark_done(config, job, done[name])
+            print(f"-- {name}: finished in {done[name]:.0f} s")
+        if running:
+            time.sleep(0.5)
+        elif pending and not any(all(n in done for n in j.needs) for j in pending.values()):
+            raise ChexmemError(f"jobs {', '.join(pending)} wait on jobs that never ran")
+
+
+def dry_run(config: StudyConfig, jobs: list[Job]) -> None:
+    """Print every job's plan and check each command's options as the tool itself would."""
+    from detect.cli import add_detect_flags
+    from train.config import add_train_flags, config_from_args
+
+    parsers = {
+        m: argparse.ArgumentParser(prog=f"python -m {m}", exit_on_error=False)
+        for m in ("train", "detect")
+    }
+    add_train_flags(parsers["train"])
+    add_detect_flags(parsers["detect"])
+    for job in jobs:
+        state = "cached" if is_done(config, job) else "to run"
+        print(f"[{state}] {job.name} ({job.key}) needs {', '.join(job.needs) or 'nothing'}")
+        if job.describe:
+            print(f"    {job.describe}")
+        if job.command is None:
+            continue
+        print(f"    $ {shlex.join(job.argv(config))}")
+        module, *args = job.command
+        if module in parsers:
+            try:
+                parsed = parsers[module].parse_args(args)
+            except (argparse.ArgumentError, SystemExit) as error:
+                raise ChexmemError(f"job {job.name}: bad {module} options: {error}") from None
+            if module == "train":
+                config_from_args(parsed)  # the trainer's own checks of the combination
+    needed = (config.data_root, config.accelerate_config)
+    for path in [p for p in needed if p and not Path(p).exists()]:
+        print(f"note: {path} does not exist here; the study needs it where it runs")
+    print(f"{len(jobs)} jobs; all options check out")
+
+
+def run_study(config: StudyConfig, force: set[str] = frozenset(), plan_only: bool = False) -> None:
+    """Plan the study's jobs, then run what is not cached (or only check the plan)."""
+    from scripts.study_plan import plan
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(1)  # tiny models on a small CPU: more threads are much slower
+    jobs = plan(config)
+    assign_keys(jobs)
+    if plan_only:
+        dry_run(config, jobs)
+        return
+    config.out.mkdir(parents=True, exist_ok=True)
+    settings = config.out / "study_config.json"
+    settings.write_text(json.dumps(asdict(config), indent=1))
+    start = time.perf_counter()
+    seconds = run_jobs(config, jobs, set(force))
+    timing = config.out / ".study" / "timing.json"
+    timing.write_text(json.dumps({"wall_seconds": time.perf_counter() - start, "jobs": seconds}))
+    print(f"== study finished in {time.perf_counter() - start:.1f} s; outputs in {config.out}/")
+    if (config.out / "report.html").is_file():
+        print(f"report: {config.out / 'report.html'} (and report.md, metrics.json)")
+
+
+def config_from(args: argparse.Namespace) -> StudyConfig:
+    """The StudyConfig of parsed flags."""
+    return StudyConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StudyConfig)})
+
+
+def add_study_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per StudyConfig field, plus --force and --dry_run."""
+    from hf_datasets.cliutils import add_config_flag
+
+    for f in dataclasses.fields(StudyConfig):
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if isinstance(value, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=value)
+        elif isinstance(value, list):
+            kind = type(value[0]) if value else str
+            p.add_argument(f"--{f.name}", nargs="*", type=kind, default=value)
+        elif value is None:
+            kind = int if f.name == "max_rows" else str
+            p.add_argument(f"--{f.name}", type=kind, default=None)
+        else:
+            kind = type(value)
+            p.add_argument(f"--{f.name}", type=kind, default=value, help=f"(default: {value})")
+    p.add_argument("--force", nargs="+", default=[], metavar="JOB",
+                   help="rerun these jobs and all after them ('all': everything)")  # fmt: skip
+    p.add_argument("--dry_run", action="store_true", help="check every job's plan; run nothing")
+    add_config_flag(p)
+
+
+def add_study_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `chexmem study` and `chexmem demo` (the study on the embedded default)."""
+
+    def run(args: argparse.Namespace) -> None:
+        if args.command == "study" and not args.config:
+            raise ChexmemError("chexmem study needs --config FILE (e.g. configs/demo.yaml)")
+        run_study(config_from(args), set(args.force), args.dry_run)
+
+    for name, text in (
+        ("study", "run a whole study from a YAML config (configs/*.yaml)"),
+        ("demo", "run the study on the embedded default (CPU, offline)"),
+    ):
+        p = subparsers.add_parser(name, help=text, description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        add_study_flags(p)
+        p.set_defaults(func=run, _parser=p)

@@ -1,0 +1,215 @@
+"""The study's jobs, in order: what each runs, what it needs, and what its result depends on."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from scripts.study import Job, StudyConfig
+
+DATA_FIELDS = (
+    "data_source",
+    "data_root",
+    "max_rows",
+    "frontal_only",
+    "num_patients",
+    "max_studies_per_patient",
+    "resolution",
+    "duplicated_rows",
+    "copies",
+    "seed",
+)
+DETECT_FIELDS = (
+    "ordinary_prompts",
+    "held_out_prompts",
+    "generations_per_prompt",
+    "inference_steps",
+    "seed",
+    "heatmap_prompts",
+)
+MITIGATION_FIELDS = (
+    "generations_per_prompt",
+    "inference_steps",
+    "seed",
+    "random_tokens",
+    "robustness_sigmas",
+)
+
+
+def pick(config: StudyConfig, names: tuple[str, ...]) -> dict[str, Any]:
+    """The named settings of the config."""
+    return {n: getattr(config, n) for n in names}
+
+
+def train_job(config: StudyConfig, name: str, run: Any, needs: list[str], text: str) -> Job:
+    """A `python -m train` job (accelerate launch with `launcher: accelerate`)."""
+    from scripts.demo import train_flags
+
+    flags = train_flags(config, run, config.out / name)
+    return Job(
+        name,
+        needs,
+        {"flags": flags},
+        ["train", *flags],
+        log=config.out / name / "train.log",
+        describe=text,
+        accelerate=True,
+    )
+
+
+def plan(config: StudyConfig) -> list[Job]:
+    """Every job of the study, each after the jobs it needs."""
+    from scripts import demo
+    from scripts.mitigation_stage import run_methods  # noqa: F401  (fails early if broken)
+    from scripts.study_report import push_study, write_study_report
+
+    out, data = config.out, config.out / "data"
+    jobs = [
+        Job(
+            "data",
+            [],
+            pick(config, DATA_FIELDS),
+            run=partial(demo.run_data_stage, config),
+            describe=f"{config.data_source} data, {config.duplicated_rows} rows x "
+            f"{config.copies} copies injected",
+        )
+    ]
+    if config.skip_training:
+        return jobs
+    base, base_needs = Path(config.base_model), []
+    if config.base_model == "tiny":
+        model = ("resolution", "seed", "vae_train_steps")
+        jobs.append(
+            Job(
+                "model",
+                [],
+                pick(config, model),
+                run=partial(demo.run_model_stage, config),
+                describe="the tiny Stable Diffusion model, built offline",
+            )
+        )
+        base, base_needs = out / "tiny-sd", ["model"]
+    pretrain = None
+    if not config.skip_mitigation and config.pretrain_steps > 0:
+        fields = ("pretrain_patients", "max_studies_per_patient", "resolution", "seed")
+        jobs.append(
+            Job(
+                "pretrain-data",
+                [],
+                pick(config, fields),
+                run=partial(demo.run_pretrain_data, config),
+                describe=f"{config.pretrain_patients} other phantom patients",
+            )
+        )
+        pretrain = out / "pretrain-data"
+    first = demo.first_round(config, base, data, pretrain)
+    for name, run in first.items():
+        needs = [*base_needs, "pretrain-data" if name == "pretrained" else "data"]
+        steps = run.steps or config.max_train_steps
+        text = f"{steps} steps, conditioning dropout {run.dropout} {' '.join(run.extra)}"
+        jobs.append(train_job(config, name, run, needs, text.strip()))
+    prompts = partial(_write_detect_prompts, config)
+    jobs.append(
+        Job(
+            "detect-prompts",
+            ["data"],
+            pick(config, DETECT_FIELDS),
+            run=prompts,
+            describe="duplicated, ordinary and held-out prompts to score",
+        )
+    )
+    guided = {"cfg": ("finetune-cfg", 7.5), "nocfg": ("finetune-nocfg", 1.0)}
+    for name, (model_name, guidance) in guided.items():
+        flags = demo.detect_flags(
+            config, out / model_name, out / "detect_prompts.csv", guidance, out / f"detect-{name}"
+        )
+        jobs.append(
+            Job(
+                f"detect-{name}",
+                [model_name, "detect-prompts"],
+                {"flags": flags},
+                ["detect", *flags],
+                log=out / f"detect-{name}.log",
+                accelerate=True,
+                describe=f"noise magnitudes of {model_name}, guidance {guidance}",
+            )
+        )
+    models = {name: (out / model_name, g) for name, (model_name, g) in guided.items()}
+    jobs.append(
+        Job(
+            "detect-eval",
+            ["detect-cfg", "detect-nocfg"],
+            pick(config, DETECT_FIELDS),
+            run=partial(demo.evaluate_detect_runs, config, data, models),
+            describe="copy similarity, AUC, correlations, figures",
+        )
+    )
+    if not config.skip_mitigation:
+        start = out / "pretrained" if pretrain else base
+        start_needs = ["pretrained"] if pretrain else base_needs
+        for name, run in demo.capacity_round(config, start, data).items():
+            text = f"{config.capacity_steps} steps from {start.name} {' '.join(run.extra)}"
+            jobs.append(train_job(config, name, run, [*start_needs, "data"], text.strip()))
+        study_file = str(out / "study_config.json")
+        inputs = pick(config, MITIGATION_FIELDS)
+        for part, needs in (
+            ("methods", ["detect-eval", "finetune-cfg"]),
+            (
+                "models",
+                [
+                    "detect-eval",
+                    "finetune-cfg",
+                    "finetune-cfg-filter",
+                    "capacity-full",
+                    "capacity-lora",
+                    "capacity-subset",
+                ],
+            ),
+        ):
+            jobs.append(
+                Job(
+                    f"mitigate-{part}",
+                    needs,
+                    inputs,
+                    ["scripts.mitigation_stage", "--study", study_file, "--part", part],
+                    log=out / f"mitigate-{part}.log",
+                    describe=f"mitigation: {part} against none",
+                )
+            )
+    names = [j.name for j in jobs]
+    jobs.append(
+        Job(
+            "report",
+            names,
+            {"version": 1},
+            run=partial(write_study_report, config),
+            describe="metrics.json, report.md, report.html",
+        )
+    )
+    if config.push_to_hub:
+        hub = ("hub_model_id", "hub_private")
+        jobs.append(
+            Job(
+                "hub",
+                ["report"],
+                pick(config, hub),
+                run=partial(push_study, config),
+                describe=f"models, dataset and report to {config.hub_model_id}-*",
+            )
+        )
+    return jobs
+
+
+def _write_detect_prompts(config: StudyConfig) -> None:
+    """The prompts to validate the detector on, as OUT/detect_prompts.csv."""
+    from scripts.demo import detection_prompts
+
+    frame = detection_prompts(config.out / "data", config)
+    frame.to_csv(config.out / "detect_prompts.csv", index=False)
+
+
+def replace(config: StudyConfig, **changes: Any) -> StudyConfig:
+    """A copy of the config with some settings changed."""
+    return dataclasses.replace(config, **changes)
