@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -66,10 +67,22 @@ def write_table(frame: pd.DataFrame, out: Path, name: str) -> None:
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
-    """JSON written atomically (a partial name of its own, so concurrent writers never mix)."""
+    """Strict JSON (NaN and infinities as null) written atomically, under a partial name of
+    its own so that concurrent writers never mix."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    partial.write_text(json.dumps(_strict(data), indent=1, default=str, allow_nan=False) + "\n")
     partial.replace(path)
+
+
+def _strict(value: Any) -> Any:
+    """The value with non-finite floats replaced by None, recursively."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    if isinstance(value, float | np.floating) and not np.isfinite(value):
+        return None
+    return value
 
 
 def cmd_detect(args: argparse.Namespace) -> None:

@@ -213,6 +213,7 @@ def detect_flags(config: StudyConfig, model: Path, prompts: Path, guidance: floa
         "--num_generations", str(config.generations_per_prompt),
         "--seed", str(config.seed),
         "--batch_size", str(config.detect_batch_size),
+        "--dtype", config.inference_dtype,
         "--save_images",
         "--output_dir", str(out),
     ]  # fmt: skip
@@ -363,11 +364,10 @@ def evaluate_detect_runs(
 
 def trigger_token_figure(config: StudyConfig, model: Path, frame: pd.DataFrame, name: str) -> list:
     """Token significance (Wen et al.) of the top-scoring prompts, drawn as a heat map."""
-    from detect.models import load_pipeline
     from detect.plots import token_heatmap
     from detect.tokens import TokenConfig, token_significance
 
-    pipe = load_pipeline(model)
+    pipe = config.load(model)
     top = frame.sort_values("score_step1", ascending=False).head(config.heatmap_prompts)
     settings = TokenConfig(num_generations=2, num_inference_steps=config.inference_steps,
                            seed=config.seed)  # fmt: skip

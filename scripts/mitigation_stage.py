@@ -31,7 +31,6 @@ from datasets import concatenate_datasets
 from detect.classifier import ClassifierConfig, label_matrix, train_classifier
 from detect.cli import write_json
 from detect.magnitude import MagnitudeConfig
-from detect.models import load_pipeline
 from detect.neurons import NemoConfig, calibrate_threshold, localize_prompts, reference_statistics
 from detect.similarity import NCCEmbedder, TrainingBank
 from detect.similarity import calibrate_threshold as copy_threshold
@@ -92,11 +91,11 @@ def comparison_grid(report: MitigationReport, train_images: list[Any], path: Pat
     contact_sheet(tiles, captions, tile=96, columns=len(methods) + 1, caption_lines=2).save(path)
 
 
-def compare_models(models: dict[str, Path], setup: EvaluationSetup) -> pd.DataFrame:
+def compare_models(config: Any, models: dict[str, Path], setup: EvaluationSetup) -> pd.DataFrame:
     """Each model, unmitigated, on the same prompts and seeds: one row per (model, group)."""
     rows = []
     for name, path in models.items():
-        table = evaluate_methods(load_pipeline(path), setup, {"none": Mitigation()}).table
+        table = evaluate_methods(config.load(path), setup, {"none": Mitigation()}).table
         rows.append(table.drop(columns="method").assign(model=name))
     return pd.concat(rows, ignore_index=True)
 
@@ -205,7 +204,7 @@ def run_methods(config: Any, ctx: Context, model: Path, frame: pd.DataFrame) -> 
     embedding_target = calibrate_target(held_out_scores, 0.1)
     prompts = flagged_prompts(frame, target)
     memorized = list(prompts.loc[prompts["group"] == "memorized", "prompt"])
-    pipe = load_pipeline(model)
+    pipe = config.load(model)
     print(f"{len(memorized)} training prompts flagged (step-1 score >= {target:.3f}, the 95th "
           f"percentile of held-out prompts); copy threshold NCC {ctx.threshold:.3f}")  # fmt: skip
     nemo, tau_mem = localize(
@@ -268,11 +267,11 @@ def run_models(
     """The filtered and the capacity-controlled fine-tunes against their references."""
     truth = ctx.setup(ground_truth_prompts(frame))
     training = compare_models(
-        {"plain": models["finetune-cfg"], "filter": models["finetune-cfg-filter"]}, truth
+        config, {"plain": models["finetune-cfg"], "filter": models["finetune-cfg-filter"]}, truth
     )
     capacity_runs = {"full": "capacity-full", "lora_r4": "capacity-lora",
                      "subset": "capacity-subset"}  # fmt: skip
-    capacity = compare_models({k: models[v] for k, v in capacity_runs.items()}, truth)
+    capacity = compare_models(config, {k: models[v] for k, v in capacity_runs.items()}, truth)
     capacity["trainable_share"] = capacity["model"].map(
         {k: _share(models[v]) for k, v in capacity_runs.items()}
     )

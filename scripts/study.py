@@ -88,6 +88,7 @@ class StudyConfig:
     generations_per_prompt: int = 4
     inference_steps: int = 25
     detect_batch_size: int = 16
+    inference_dtype: str = "float32"  # float16 / bfloat16 on GPUs
     heatmap_prompts: int = 5  # top-scoring prompts whose trigger tokens the report shows
     # mitigation
     random_tokens: list[int] = field(default_factory=lambda: [4])  # tokens added per variant
@@ -114,6 +115,8 @@ class StudyConfig:
             raise ChexmemError(f"launcher must be one of {', '.join(LAUNCHERS)}")
         if self.push_to_hub and not self.hub_model_id:
             raise ChexmemError("push_to_hub needs hub_model_id (a prefix, e.g. you/chexmem-study)")
+        if self.inference_dtype not in ("float32", "float16", "bfloat16"):
+            raise ChexmemError("inference_dtype must be float32, float16 or bfloat16")
         if self.max_parallel < 0:
             raise ChexmemError("max_parallel must be >= 0 (0: one process per CPU core)")
 
@@ -121,6 +124,16 @@ class StudyConfig:
     def out(self) -> Path:
         """The study's folder."""
         return Path(self.output_dir)
+
+    def load(self, model: str | Path) -> Any:
+        """A model of the study, ready for inference (on the GPU when there is one)."""
+        import torch
+
+        from detect.cli import DTYPES
+        from detect.models import load_pipeline
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return load_pipeline(model, device=device, dtype=DTYPES[self.inference_dtype])
 
     @property
     def parallel(self) -> int:
@@ -208,11 +221,23 @@ def downstream(jobs: list[Job], names: set[str]) -> set[str]:
 def launch(config: StudyConfig, job: Job, env: dict[str, str]) -> tuple[Any, Any, float]:
     """Start a command job with its output going to its log."""
     assert job.log is not None
-    print(f"== {job.name}: {job.describe} (log: {job.log})")
+    print(f"== {job.name}: {job.describe} (log: {job.log})".replace(":  (", " ("))
     job.log.parent.mkdir(parents=True, exist_ok=True)
     log = job.log.open("w")
-    process = subprocess.Popen(job.argv(config), stdout=log, stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(
+        job.argv(config), stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
+    )
     return process, log, time.perf_counter()
+
+
+def die_with_parent() -> None:
+    """In a job process: end when the study process ends, even when it is killed outright, so
+    a restarted study never finds an orphan still writing the job's folder (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def run_jobs(config: StudyConfig, jobs: list[Job], force: set[str]) -> dict[str, float]:

@@ -12,3 +12,39 @@ def load_plain(folder: Path) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]  # fmt: skip
+PAGE_STATE = """() => ({
+  images: [...document.images].map(i => i.complete && i.naturalWidth > 0),
+  links: [...document.querySelectorAll('nav.toc a')]
+    .map(a => document.getElementById(a.getAttribute('href').slice(1)) !== null),
+  widest: Math.max(...[...document.images].map(i => i.clientWidth)),
+  main: document.querySelector('main').clientWidth,
+})"""
+
+
+def open_in_chromium(html: Path, screenshot: Path) -> tuple[dict, list[str]]:
+    """Load a page in headless Chromium (Debian's, driven by Playwright): what rendered, and
+    every URL it requested; skips when either is missing."""
+    import pytest
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=CHROMIUM_ARGS)  # fmt: skip
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            requests: list[str] = []
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(html.as_uri(), wait_until="load")
+            state = page.evaluate(PAGE_STATE)
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return state, requests

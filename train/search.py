@@ -380,6 +380,13 @@ class Objective:
         """Train, score, and record the whole configuration on the trial."""
         chosen = sample_trial(trial, self.config, self.blocks)
         trial.set_user_attr("config", asdict(chosen))
+        twin = same_trial(trial)
+        if twin is not None:  # NSGA-II may propose a configuration again: reuse its scores
+            for key in ("trainable_share", "trainable_params"):
+                trial.set_user_attr(key, twin.user_attrs.get(key))
+            trial.set_user_attr("duplicate_of", twin.number)
+            trial.set_user_attr("seconds", 0.0)
+            return tuple(twin.values)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         if not any(chosen.block_mask):
             raise ChexmemError("empty block mask: nothing would train")
@@ -397,6 +404,14 @@ class Objective:
             )
             raise ChexmemError(f"non-finite objectives: {named}")
         return values
+
+
+def same_trial(trial: Any) -> Any:
+    """A finished trial of the study with exactly this trial's parameters, if any."""
+    import optuna
+
+    done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return next((t for t in done if t.params == trial.params), None)
 
 
 DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",

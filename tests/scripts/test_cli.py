@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,22 +110,46 @@ def test_folder_command_with_parquet(tmp_path: Path) -> None:
     ]
 
 
-def test_console_script_runs_the_demo(tmp_path: Path) -> None:
+DEMO_FLAGS = [
+    "--num_patients", "12", "--duplicated_rows", "2", "--copies", "4", "--max_train_steps", "4",
+    "--train_batch_size", "4", "--vae_train_steps", "5", "--ordinary_prompts", "3",
+    "--held_out_prompts", "2", "--generations_per_prompt", "2", "--inference_steps", "2",
+    "--pretrain_patients", "8", "--pretrain_steps", "2", "--capacity_steps", "2",
+    "--heatmap_prompts", "2",
+]  # fmt: skip
+
+
+def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`chexmem demo` at test size, as a user runs it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "scripts.cli", "demo", "--output_dir", str(tmp_path / "demo"),
-        "--num_patients", "12", "--duplicated_rows", "2", "--copies", "4", "--max_train_steps", "4",
-        "--train_batch_size", "4", "--vae_train_steps", "5", "--ordinary_prompts", "3",
-        "--held_out_prompts", "2",
-        "--generations_per_prompt", "2", "--inference_steps", "2",
-        "--pretrain_patients", "8", "--pretrain_steps", "2", "--capacity_steps", "2",
-    ]  # fmt: skip
-    result = subprocess.run(
-        command, capture_output=True, text=True, env=env, timeout=600, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "demo finished" in result.stdout and "Spearman" in result.stdout
+    command = [sys.executable, "-m", "scripts.cli", "demo", "--output_dir", str(out),
+               *DEMO_FLAGS, *extra]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+
+
+def _kill_after(out: Path, job: str) -> None:
+    """Start the demo and kill the study process outright once `job` has finished."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "scripts.cli", "demo", "--output_dir", str(out), *DEMO_FLAGS]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    marker, waited = out / ".study" / f"{job}.json", 0.0
+    while not marker.exists() and process.poll() is None and waited < 600:
+        time.sleep(0.2)
+        waited += 0.2
+    process.kill()  # SIGKILL: no clean-up; its job processes end with it (PR_SET_PDEATHSIG)
+    process.wait()
+    assert marker.exists()
+
+
+def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -> None:
     demo = tmp_path / "demo"
+    _kill_after(demo, "finetune-cfg")
+    result = _demo(demo)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "-- data: cached" in out and "-- finetune-cfg: cached" in out
+    assert "== detect-eval" in out and "study finished" in out and "Spearman" in out
     assert (demo / "duplicated_rows.png").is_file()
     train = load_dataset_dir(demo / "data")["train"]
     assert sum(1 for c in train["copies"] if c > 1) == 8
@@ -139,23 +165,49 @@ def test_console_script_runs_the_demo(tmp_path: Path) -> None:
         assert set(detection) == {"score_step1_n1", "score_step1", "score_all_steps"}
         assert 0 <= detection["score_step1"]["auc"] <= 1
         assert set(model["copy_similarity_by_group"]) == {"duplicated", "ordinary", "held_out"}
-        for figure in ("scatter", "roc", "grid"):
+        for figure in ("scatter", "roc", "grid", "tokens"):
             assert (demo / f"detect_{name}_{figure}.png").is_file()
         for group in ("duplicated", "held_out"):
             assert (demo / f"copies_{name}_{group}.png").is_file()
+        assert len(model["trigger_tokens"]) == 2
         prompts = json.loads((demo / f"detect-{name}" / "summary.json").read_text())["prompts"]
         assert prompts == sum(summary["prompts"].values())
     mitigation = json.loads((demo / "mitigation.json").read_text())
     methods = {row["method"] for row in mitigation["inference"]}
     assert {"none", "embedding", "neurons", "trigger_tokens", "attention_scaling"} <= methods
-    assert {"random_tokens_1", "random_tokens_4", "random_tokens_10"} <= methods
+    assert "random_tokens_4" in methods
     for row in mitigation["inference"]:
         assert 0 <= row["copy_rate"] <= 1 and row["fid"] >= 0
-    assert {row["model"] for row in mitigation["training"]} == {"plain", "filter"}
-    capacity = {row["model"]: row for row in mitigation["capacity"]}
+    models = json.loads((demo / "mitigation_models.json").read_text())
+    assert {row["model"] for row in models["training"]} == {"plain", "filter"}
+    capacity = {row["model"]: row for row in models["capacity"]}
     assert set(capacity) == {"full", "lora_r4", "subset"}
     assert capacity["lora_r4"]["trainable_share"] < capacity["full"]["trainable_share"]
     run = json.loads((demo / "finetune-cfg-filter" / "chexmem_train.json").read_text())
     assert run["sample_weighting"]["samples_seen"] > 0
     assert run["sample_weighting"]["weighter"]["per_timestep"] is True
     assert "chexmem-findings-cnn" in mitigation["features"]
+
+    # the report's numbers are the stages' own
+    metrics = json.loads((demo / "metrics.json").read_text())
+    assert metrics["detection"] == summary and metrics["mitigation"] == mitigation
+    assert metrics["mitigation_models"] == models
+    assert {r["model"] for r in metrics["fine_tunes"]} == {
+        "finetune-cfg", "finetune-nocfg", "finetune-cfg-filter", "pretrained", "capacity-full",
+        "capacity-lora", "capacity-subset"}  # fmt: skip
+    markdown = (demo / "report.md").read_text()
+    auc = summary["models"]["cfg"]["detection"]["duplicated_vs_held_out"]["score_step1"]["auc"]
+    assert f"finetune-cfg: detection AUC {auc:.3f}" in markdown
+    for figure in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
+        assert (demo / figure).is_file()
+    from tests.helpers import open_in_chromium
+
+    figures = len(re.findall(r"!\[", markdown))
+    state, requests = open_in_chromium(demo / "report.html", tmp_path / "report.png")
+    assert state["images"] == [True] * figures and figures >= 14
+    assert all(url.startswith("data:") for url in requests[1:])
+
+    again = _demo(demo)  # everything cached now
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not re.search(r"^== (?!study finished)", again.stdout, re.MULTILINE)
+    assert again.stdout.count(": cached (") == 17

@@ -28,8 +28,8 @@ from detect.plots import (
 )
 from hf_datasets.errors import ChexmemError
 from scripts.report import PROVENANCE_KEYS, Figure, ReportPaths, Section, Table, write_report
+from tests.helpers import open_in_chromium
 
-CHROMIUM = Path("/usr/bin/chromium")
 LAYERS = [
     f"down_blocks.{b}.attentions.{a}.transformer_blocks.0.attn2.to_v"
     for b in range(3)
@@ -344,38 +344,8 @@ def test_token_heatmap_marks_the_strongest_token(plots: dict[str, Path], tmp_pat
 def test_report_in_headless_chromium(
     report: ReportPaths, sections: list[Section], tmp_path: Path
 ) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    args = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ]
     shot = tmp_path / "page.png"
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            requests: list[str] = []
-            page.on("request", lambda request: requests.append(request.url))
-            page.goto(report.html.as_uri(), wait_until="load")
-            state = page.evaluate(
-                """() => ({
-                  images: [...document.images].map(i => i.complete && i.naturalWidth > 0),
-                  links: [...document.querySelectorAll('nav.toc a')]
-                    .map(a => document.getElementById(a.getAttribute('href').slice(1)) !== null),
-                  widest: Math.max(...[...document.images].map(i => i.clientWidth)),
-                  main: document.querySelector('main').clientWidth,
-                })"""
-            )
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
+    state, requests = open_in_chromium(report.html, shot)
     assert state["images"] == [True] * figure_count(sections)
     assert state["links"] == [True] * (len(sections) + 1)
     assert 0 < state["widest"] <= state["main"] <= 1100

@@ -84,12 +84,17 @@ def test_families_objectives_by_name_and_stage_two_transfer(
     tiny_model: Path, phantom_data: Path, tmp_path: Path
 ) -> None:
     objectives = ["kid", "copy_rate", "tests.train.test_search:negative_share"]
-    first = config(tiny_model, phantom_data, tmp_path / "s", n_trials=2, objectives=objectives)
+    first = config(tiny_model, phantom_data, tmp_path / "s", n_trials=3, objectives=objectives)
     study = make_study(first)
     off = {f"block_{i}": 0 for i in range(7)}
-    study.enqueue_trial({"family": "lora", "lora_rank": 2, **off, "block_3": 1})
+    lora = {"family": "lora", "lora_rank": 2, **off, "block_3": 1, "learning_rate": 1e-4}
+    study.enqueue_trial(lora)
     study.enqueue_trial({"family": "difffit", **off, "block_0": 1, "block_6": 1})
+    study.enqueue_trial(lora)  # proposed again: scored from the first, not trained again
     table = run_search(first)
+    assert study.trials[2].user_attrs["duplicate_of"] == 0
+    assert study.trials[2].values == study.trials[0].values
+    table = table.iloc[:2]
     assert list(table["state"]) == ["COMPLETE", "COMPLETE"]
     assert list(table["family"]) == ["lora", "difffit"] and table["lora_rank"].iloc[0] == 2
     assert table["copy_rate"].between(0, 1).all() and (table["kid"] > -1).all()

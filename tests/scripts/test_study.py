@@ -1,0 +1,108 @@
+"""`chexmem study`: configs, the cached job graph, the dry run of the GPU configs, the Hub
+folders. (The whole embedded-default study runs in tests/scripts/test_cli.py.)"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from hf_datasets.cliutils import read_yaml
+from hf_datasets.errors import ChexmemError
+from scripts.cli import main
+from scripts.study import Job, StudyConfig, assign_keys, run_jobs
+from tests.conftest import REPO
+
+CONFIGS = REPO / "configs"
+
+
+def test_demo_yaml_is_the_embedded_default() -> None:
+    assert StudyConfig(**read_yaml(CONFIGS / "demo.yaml")) == StudyConfig()
+
+
+@pytest.mark.parametrize("name", ["chexpert-sd15", "chexpert-sd15-8gpu"])
+def test_gpu_configs_pass_the_dry_run_on_cpu(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = CONFIGS / f"{name}.yaml"
+    code = main(["study", "--config", str(config), "--dry_run", "--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "14 jobs; all options check out" in out
+    settings = read_yaml(config)
+    launches = [line for line in out.splitlines() if "accelerate.commands.launch" in line]
+    assert len(launches) == 8  # 6 fine-tunes and 2 detection runs
+    assert all(f"--config_file {settings['accelerate_config']}" in line for line in launches)
+    assert all("--mixed_precision bf16" in line for line in launches if " -m train " in line)
+    assert (REPO / settings["accelerate_config"]).is_file()
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_the_dry_run_catches_a_bad_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("train_flags: [--memorization_filter_top_fraction, '2']\n")
+    code = main(["study", "--config", str(config), "--dry_run", "--output_dir", str(tmp_path)])
+    assert code == 2
+    assert "memorization_filter_top_fraction must be in (0, 1)" in capsys.readouterr().err
+    assert main(["study", "--output_dir", str(tmp_path)]) == 2  # study needs --config
+
+
+def _append(path: Path, text: str) -> None:
+    """An in-process job: append a line to a file (so reruns are visible)."""
+    with path.open("a") as f:
+        f.write(text + "\n")
+
+
+def _graph(tmp_path: Path, first_input: int) -> list[Job]:
+    """a -> b -> c, with b a real `python -m` process and a and c in-process."""
+    runs = tmp_path / "runs.txt"
+    jobs = [
+        Job("a", [], {"value": first_input}, run=partial(_append, runs, "a")),
+        Job("b", ["a"], {}, ["json.tool", str(tmp_path / "in.json")], log=tmp_path / "b.log"),
+        Job("c", ["b"], {}, run=partial(_append, runs, "c")),
+    ]
+    assign_keys(jobs)
+    return jobs
+
+
+def test_jobs_are_cached_by_content_and_forced_with_what_follows(tmp_path: Path) -> None:
+    (tmp_path / "in.json").write_text('{"x": 1}')
+    config = StudyConfig(output_dir=str(tmp_path / "study"), max_parallel=2)
+    runs = tmp_path / "runs.txt"
+    assert set(run_jobs(config, _graph(tmp_path, 1), set())) == {"a", "b", "c"}
+    assert json.loads((tmp_path / "b.log").read_text()) == {"x": 1}  # the process ran
+    seconds = run_jobs(config, _graph(tmp_path, 1), set())
+    assert seconds == {"a": 0.0, "b": 0.0, "c": 0.0} and runs.read_text() == "a\nc\n"
+    run_jobs(config, _graph(tmp_path, 1), {"b"})  # b and what needs it; not a
+    assert runs.read_text() == "a\nc\nc\n"
+    run_jobs(config, _graph(tmp_path, 2), set())  # a's input changed: every key changes
+    assert runs.read_text() == "a\nc\nc\na\nc\n"
+    with pytest.raises(ChexmemError, match="--force z: no such job; jobs: a, b, c"):
+        run_jobs(config, _graph(tmp_path, 2), {"z"})
+
+
+def test_a_failed_job_names_its_log_and_is_not_marked_done(tmp_path: Path) -> None:
+    config = StudyConfig(output_dir=str(tmp_path / "study"))
+    jobs = [Job("broken", [], {}, ["json.tool", str(tmp_path / "missing.json")],
+                log=tmp_path / "broken.log")]  # fmt: skip
+    assign_keys(jobs)
+    with pytest.raises(
+        ChexmemError, match=r"(?s)job broken failed \(exit 2\); see .*broken.log:.*missing.json"
+    ):
+        run_jobs(config, jobs, set())
+    assert not (tmp_path / "study" / ".study" / "broken.json").exists()
+
+
+def test_accelerate_launcher_command_line() -> None:
+    config = StudyConfig(launcher="accelerate", accelerate_config="configs/x.yaml")
+    job = Job("t", [], {}, ["train", "--seed", "1"], accelerate=True)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/x.yaml"]
+    assert job.argv(config) == [*launch, "-m", "train", "--seed", "1"]
+    assert Job("m", [], {}, ["scripts.mitigation_stage"]).argv(config)[1:3] == [
+        "-m",
+        "scripts.mitigation_stage",
+    ]
