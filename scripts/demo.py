@@ -80,20 +80,6 @@ def load_source(config: StudyConfig) -> Any:
     return load_image_folder(FolderConfig(root=config.data_root, **options))
 
 
-def run_model_stage(config: StudyConfig) -> Path:
-    """The tiny base model (reused when already built)."""
-    from train.tiny_model import TinyModelConfig, build_tiny_pipeline
-
-    path = Path(config.output_dir) / "tiny-sd"
-    tiny = TinyModelConfig(
-        resolution=config.resolution, seed=config.seed, vae_train_steps=config.vae_train_steps
-    )
-    build_tiny_pipeline(path, tiny, overwrite=True)
-    info = json.loads((path / "chexmem_tiny.json").read_text())
-    print(f"base model: {path} ({', '.join(f'{k} {v}' for k, v in info.items() if 'psnr' in k)})")
-    return path
-
-
 @dataclass
 class FineTune:
     """One demo fine-tune: where it starts, what it learns, and how it differs."""
@@ -164,20 +150,6 @@ def capacity_round(config: StudyConfig, pretrained: Path, data: Path) -> dict[st
         "capacity-lora": run(["--trainable_preset", config.lora_preset]),
         "capacity-subset": run(["--trainable_preset", config.subset_preset]),
     }
-
-
-def run_pretrain_data(config: StudyConfig) -> Path:
-    """Phantom patients disjoint from the demo's (another seed), without duplicates."""
-    out = Path(config.output_dir) / "pretrain-data"
-    phantom = generate_phantom(
-        PhantomConfig(
-            num_patients=config.pretrain_patients,
-            max_studies_per_patient=config.max_studies_per_patient,
-            resolution=config.resolution,
-            seed=config.seed + 1,
-        )
-    )
-    return save_dataset(phantom, out, overwrite=True)
 
 
 def detection_prompts(data: Path, config: StudyConfig) -> pd.DataFrame:
@@ -286,10 +258,10 @@ def copy_grid(
 
 
 def evaluate_detect_runs(
-    config: StudyConfig, data: Path, models: dict[str, tuple[Path, float]]
+    config: StudyConfig, data: Path, models: dict[str, tuple[Path, float]], path: Path
 ) -> dict:
     """Noise-magnitude detection validated against copy similarity, for every model whose
-    `python -m detect` run is in OUT/detect-NAME."""
+    `python -m detect` run is in OUT/detect-NAME; the summary goes to `path`."""
     out = Path(config.output_dir)
     prompts = pd.read_csv(out / "detect_prompts.csv")
     train = load_dataset_dir(data)["train"]
@@ -358,8 +330,16 @@ def evaluate_detect_runs(
             copy_grid(frame, images, run, train_images, chosen, out / f"copies_{name}_{group}.png")
         result["trigger_tokens"] = trigger_token_figure(config, models[name][0], frame, name)
         _print_detection(name, result)
-    write_json(summary, out / "detection.json")
+    write_json(summary, path)
     return summary
+
+
+def merge_detection(config: StudyConfig, names: list[str]) -> dict:
+    """detection.json: the per-model summaries (detection_NAME.json) in one file."""
+    parts = [json.loads((config.out / f"detection_{n}.json").read_text()) for n in names]
+    merged = {**parts[0], "models": {k: v for p in parts for k, v in p["models"].items()}}
+    write_json(merged, config.out / "detection.json")
+    return merged
 
 
 def trigger_token_figure(config: StudyConfig, model: Path, frame: pd.DataFrame, name: str) -> list:

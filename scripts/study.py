@@ -218,16 +218,50 @@ def downstream(jobs: list[Job], names: set[str]) -> set[str]:
     return chosen
 
 
-def launch(config: StudyConfig, job: Job, env: dict[str, str]) -> tuple[Any, Any, float]:
-    """Start a command job with its output going to its log."""
-    assert job.log is not None
-    print(f"== {job.name}: {job.describe} (log: {job.log})".replace(":  (", " ("))
-    job.log.parent.mkdir(parents=True, exist_ok=True)
-    log = job.log.open("w")
-    process = subprocess.Popen(
-        job.argv(config), stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
-    )
-    return process, log, time.perf_counter()
+class Running:
+    """A started job: a process writing its log, or a function in this process's one worker
+    thread (the small steps; the scheduler keeps polling the processes meanwhile)."""
+
+    def __init__(self, config: StudyConfig, job: Job, env: dict[str, str], pool: Any) -> None:
+        self.job, self.start = job, time.perf_counter()
+        self.process: subprocess.Popen | None = None
+        self.future: Any = None
+        if job.run is not None:
+            print(f"== {job.name}: {job.describe}".rstrip(": "))
+            self.future = pool.submit(job.run)
+            return
+        assert job.log is not None
+        print(f"== {job.name}: {job.describe} (log: {job.log})".replace(":  (", " ("))
+        job.log.parent.mkdir(parents=True, exist_ok=True)
+        self.log = job.log.open("w")
+        self.process = subprocess.Popen(job.argv(config), stdout=self.log,
+                                        stderr=subprocess.STDOUT, env=env,
+                                        preexec_fn=die_with_parent)  # fmt: skip
+
+    def finished(self) -> bool:
+        """Whether it ended; raises the job's failure as one clear error."""
+        if self.future is not None:
+            if not self.future.done():
+                return False
+            self.future.result()  # re-raises the job's own error
+            return True
+        assert self.process is not None
+        code = self.process.poll()
+        if code is None:
+            return False
+        self.log.close()
+        if code != 0:
+            log = self.job.log
+            tail = log.read_text()[-2000:] if log else ""
+            raise ChexmemError(f"job {self.job.name} failed (exit {code}); see {log}:\n{tail}")
+        return True
+
+    def stop(self) -> None:
+        """End a job process that is still running (a thread finishes its step)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait()
+            self.log.close()
 
 
 def die_with_parent() -> None:
@@ -241,8 +275,10 @@ def die_with_parent() -> None:
 
 
 def run_jobs(config: StudyConfig, jobs: list[Job], force: set[str]) -> dict[str, float]:
-    """Run what is not cached, command jobs side by side up to `config.parallel`; returns
-    the seconds of each job run (0 for cached ones)."""
+    """Run what is not cached, up to `config.parallel` jobs at once (at most one of them in
+    this process), in the order listed; returns the seconds of each job (0: cached)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     unknown = force - {j.name for j in jobs} - {"all"}
     if unknown:
         names = ", ".join(j.name for j in jobs)
@@ -250,67 +286,36 @@ def run_jobs(config: StudyConfig, jobs: list[Job], force: set[str]) -> dict[str,
     rerun = {j.name for j in jobs} if "all" in force else downstream(jobs, force)
     pending = {j.name: j for j in jobs}
     done: dict[str, float] = {}
-    running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
+    running: dict[str, Running] = {}
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    try:
-        schedule(config, jobs, rerun, pending, done, running, env)
-    finally:  # a failure or Ctrl-C leaves no job process behind (unfinished jobs rerun later)
-        for process, log, _ in running.values():
-            process.terminate()
-            process.wait()
-            log.close()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        try:
+            while pending or running:
+                for job in [j for j in pending.values() if all(n in done for n in j.needs)]:
+                    if job.name not in rerun and is_done(config, job):
+                        print(f"-- {job.name}: cached ({job.key})")
+                        done[job.name] = 0.0
+                    elif len(running) < config.parallel and not (
+                        job.run and any(r.future for r in running.values())
+                    ):
+                        running[job.name] = Running(config, job, env, pool)
+                    else:
+                        continue
+                    del pending[job.name]
+                for name, job in list(running.items()):
+                    if job.finished():
+                        del running[name]
+                        done[name] = time.perf_counter() - job.start
+                        mark_done(config, job.job, done[name])
+                        print(f"-- {name}: finished in {done[name]:.0f} s")
+                if running:
+                    time.sleep(0.2)
+                elif pending and not any(all(n in done for n in j.needs) for j in pending.values()):
+                    raise ChexmemError(f"jobs {', '.join(pending)} wait on jobs that never ran")
+        finally:  # a failure or Ctrl-C leaves no job process behind (they rerun next time)
+            for job in running.values():
+                job.stop()
     return done
-
-
-def schedule(
-    config: StudyConfig,
-    jobs: list[Job],
-    rerun: set[str],
-    pending: dict[str, Job],
-    done: dict[str, float],
-    running: dict[str, tuple[Any, Any, float]],
-    env: dict[str, str],
-) -> None:
-    """The scheduling loop of `run_jobs`: start what is ready, collect what finished."""
-    while pending or running:
-        ready = [j for j in pending.values() if all(n in done for n in j.needs)]
-        for job in ready:  # cached jobs finish at once
-            if job.name not in rerun and is_done(config, job):
-                print(f"-- {job.name}: cached ({job.key})")
-                done[job.name] = 0.0
-                del pending[job.name]
-        for job in [j for j in ready if j.name in pending and j.command is not None]:
-            if len(running) >= config.parallel:
-                break
-            del pending[job.name]
-            running[job.name] = launch(config, job, env)
-        in_process = [j for j in ready if j.name in pending and j.run is not None]
-        if in_process:  # one at a time, while the launched processes go on
-            job = in_process[0]
-            del pending[job.name]
-            print(f"== {job.name}: {job.describe}")
-            start = time.perf_counter()
-            job.run()
-            done[job.name] = time.perf_counter() - start
-            mark_done(config, job, done[job.name])
-            continue
-        for name, (process, log, start) in list(running.items()):
-            code = process.poll()
-            if code is None:
-                continue
-            log.close()
-            del running[name]
-            job = next(j for j in jobs if j.name == name)
-            if code != 0:
-                tail = job.log.read_text()[-2000:] if job.log else ""
-                raise ChexmemError(f"job {name} failed (exit {code}); see {job.log}:\n{tail}")
-            done[name] = time.perf_counter() - start
-            mark_done(config, job, done[name])
-            print(f"-- {name}: finished in {done[name]:.0f} s")
-        if running:
-            time.sleep(0.5)
-        elif pending and not any(all(n in done for n in j.needs) for j in pending.values()):
-            raise ChexmemError(f"jobs {', '.join(pending)} wait on jobs that never ran")
 
 
 def dry_run(config: StudyConfig, jobs: list[Job]) -> None:

@@ -80,104 +80,92 @@ def plan(config: StudyConfig) -> list[Job]:
         return jobs
     base, base_needs = Path(config.base_model), []
     if config.base_model == "tiny":
-        model = ("resolution", "seed", "vae_train_steps")
+        model = [
+            "scripts.cli",
+            "model",
+            "tiny",
+            "--out",
+            str(out / "tiny-sd"),
+            "--overwrite",
+            "--resolution",
+            str(config.resolution),
+            "--seed",
+            str(config.seed),
+            "--vae_train_steps",
+            str(config.vae_train_steps),
+        ]
         jobs.append(
             Job(
                 "model",
                 [],
-                pick(config, model),
-                run=partial(demo.run_model_stage, config),
+                {"command": model},
+                model,
+                log=out / "model.log",
                 describe="the tiny Stable Diffusion model, built offline",
             )
         )
         base, base_needs = out / "tiny-sd", ["model"]
     pretrain = None
     if not config.skip_mitigation and config.pretrain_steps > 0:
-        fields = ("pretrain_patients", "max_studies_per_patient", "resolution", "seed")
+        pretrain = out / "pretrain-data"
+        # patients disjoint from the study's (another seed), without duplicates
+        command = [
+            "scripts.cli",
+            "data",
+            "phantom",
+            "--out",
+            str(pretrain),
+            "--overwrite",
+            "--num_patients",
+            str(config.pretrain_patients),
+            "--max_studies_per_patient",
+            str(config.max_studies_per_patient),
+            "--resolution",
+            str(config.resolution),
+            "--seed",
+            str(config.seed + 1),
+        ]
         jobs.append(
             Job(
                 "pretrain-data",
                 [],
-                pick(config, fields),
-                run=partial(demo.run_pretrain_data, config),
+                {"command": command},
+                command,
+                log=out / "pretrain-data.log",
                 describe=f"{config.pretrain_patients} other phantom patients",
             )
         )
-        pretrain = out / "pretrain-data"
     first = demo.first_round(config, base, data, pretrain)
+    trains = {}
     for name, run in first.items():
         needs = [*base_needs, "pretrain-data" if name == "pretrained" else "data"]
         steps = run.steps or config.max_train_steps
         text = f"{steps} steps, conditioning dropout {run.dropout} {' '.join(run.extra)}"
-        jobs.append(train_job(config, name, run, needs, text.strip()))
-    prompts = partial(_write_detect_prompts, config)
-    jobs.append(
-        Job(
-            "detect-prompts",
-            ["data"],
-            pick(config, DETECT_FIELDS),
-            run=prompts,
-            describe="duplicated, ordinary and held-out prompts to score",
-        )
-    )
-    guided = {"cfg": ("finetune-cfg", 7.5), "nocfg": ("finetune-nocfg", 1.0)}
-    for name, (model_name, guidance) in guided.items():
-        flags = demo.detect_flags(
-            config, out / model_name, out / "detect_prompts.csv", guidance, out / f"detect-{name}"
-        )
-        jobs.append(
-            Job(
-                f"detect-{name}",
-                [model_name, "detect-prompts"],
-                {"flags": flags},
-                ["detect", *flags],
-                log=out / f"detect-{name}.log",
-                accelerate=True,
-                describe=f"noise magnitudes of {model_name}, guidance {guidance}",
-            )
-        )
-    models = {name: (out / model_name, g) for name, (model_name, g) in guided.items()}
-    jobs.append(
-        Job(
-            "detect-eval",
-            ["detect-cfg", "detect-nocfg"],
-            pick(config, DETECT_FIELDS),
-            run=partial(demo.evaluate_detect_runs, config, data, models),
-            describe="copy similarity, AUC, correlations, figures",
-        )
-    )
-    if not config.skip_mitigation:
-        start = out / "pretrained" if pretrain else base
-        start_needs = ["pretrained"] if pretrain else base_needs
-        for name, run in demo.capacity_round(config, start, data).items():
-            text = f"{config.capacity_steps} steps from {start.name} {' '.join(run.extra)}"
-            jobs.append(train_job(config, name, run, [*start_needs, "data"], text.strip()))
-        study_file = str(out / "study_config.json")
-        inputs = pick(config, MITIGATION_FIELDS)
-        for part, needs in (
-            ("methods", ["detect-eval", "finetune-cfg"]),
-            (
-                "models",
-                [
-                    "detect-eval",
-                    "finetune-cfg",
-                    "finetune-cfg-filter",
-                    "capacity-full",
-                    "capacity-lora",
-                    "capacity-subset",
-                ],
-            ),
-        ):
-            jobs.append(
-                Job(
-                    f"mitigate-{part}",
-                    needs,
-                    inputs,
-                    ["scripts.mitigation_stage", "--study", study_file, "--part", part],
-                    log=out / f"mitigate-{part}.log",
-                    describe=f"mitigation: {part} against none",
-                )
-            )
+        trains[name] = train_job(config, name, run, needs, text.strip())
+    detect = detection_jobs(config, base_needs)
+    later = {} if config.skip_mitigation else mitigation_jobs(config, base, base_needs, pretrain)
+    # the order is the priority when processes are scarce: the longest chains first (the
+    # CFG model's detection feeds the mitigation methods; the pretrained base feeds the
+    # capacity fine-tunes), then what only the final comparisons need
+    order = [
+        "finetune-cfg",
+        "pretrained",
+        "detect-prompts",
+        "detect-cfg",
+        "detect-eval-cfg",
+        "capacity-full",
+        "capacity-lora",
+        "capacity-subset",
+        "mitigate-methods",
+        "finetune-nocfg",
+        "finetune-cfg-filter",
+        "detect-nocfg",
+        "detect-eval-nocfg",
+        "detection",
+        "mitigate-models",
+    ]
+    everything = {**trains, **detect, **later}
+    jobs += [everything[n] for n in order if n in everything]
     names = [j.name for j in jobs]
     jobs.append(
         Job(
@@ -198,6 +186,98 @@ def plan(config: StudyConfig) -> list[Job]:
                 run=partial(push_study, config),
                 describe=f"models, dataset and report to {config.hub_model_id}-*",
             )
+        )
+    return jobs
+
+
+def detection_jobs(config: StudyConfig, base_needs: list[str]) -> dict[str, Job]:
+    """The prompts, both models' `python -m detect` runs, their evaluation and its merge."""
+    from scripts import demo
+
+    out, data = config.out, config.out / "data"
+    jobs = {
+        "detect-prompts": Job(
+            "detect-prompts",
+            ["data"],
+            pick(config, DETECT_FIELDS),
+            run=partial(_write_detect_prompts, config),
+            describe="duplicated, ordinary and held-out prompts to score",
+        )
+    }
+    guided = {"cfg": ("finetune-cfg", 7.5), "nocfg": ("finetune-nocfg", 1.0)}
+    for name, (model_name, guidance) in guided.items():
+        flags = demo.detect_flags(
+            config, out / model_name, out / "detect_prompts.csv", guidance, out / f"detect-{name}"
+        )
+        jobs[f"detect-{name}"] = Job(
+            f"detect-{name}",
+            [model_name, "detect-prompts"],
+            {"flags": flags},
+            ["detect", *flags],
+            log=out / f"detect-{name}.log",
+            accelerate=True,
+            describe=f"noise magnitudes of {model_name}, guidance {guidance}",
+        )
+        evaluate = partial(
+            demo.evaluate_detect_runs,
+            config,
+            data,
+            {name: (out / model_name, guidance)},
+            out / f"detection_{name}.json",
+        )
+        jobs[f"detect-eval-{name}"] = Job(
+            f"detect-eval-{name}",
+            [f"detect-{name}"],
+            pick(config, DETECT_FIELDS),
+            run=evaluate,
+            describe=f"{model_name}: copy similarity, AUC, correlations, figures",
+        )
+    jobs["detection"] = Job(
+        "detection",
+        ["detect-eval-cfg", "detect-eval-nocfg"],
+        {},
+        run=partial(demo.merge_detection, config, list(guided)),
+        describe="detection.json",
+    )
+    return jobs
+
+
+def mitigation_jobs(
+    config: StudyConfig, base: Path, base_needs: list[str], pretrain: Path | None
+) -> dict[str, Job]:
+    """The capacity fine-tunes and both parts of the mitigation stage."""
+    from scripts import demo
+
+    out, data = config.out, config.out / "data"
+    jobs = {}
+    start = out / "pretrained" if pretrain else base
+    start_needs = ["pretrained"] if pretrain else base_needs
+    for name, run in demo.capacity_round(config, start, data).items():
+        text = f"{config.capacity_steps} steps from {start.name} {' '.join(run.extra)}"
+        jobs[name] = train_job(config, name, run, [*start_needs, "data"], text.strip())
+    study_file = str(out / "study_config.json")
+    inputs = pick(config, MITIGATION_FIELDS)
+    for part, needs in (
+        ("methods", ["detect-eval-cfg", "finetune-cfg"]),
+        (
+            "models",
+            [
+                "detect-eval-cfg",
+                "finetune-cfg",
+                "finetune-cfg-filter",
+                "capacity-full",
+                "capacity-lora",
+                "capacity-subset",
+            ],
+        ),
+    ):
+        jobs[f"mitigate-{part}"] = Job(
+            f"mitigate-{part}",
+            needs,
+            inputs,
+            ["scripts.mitigation_stage", "--study", study_file, "--part", part],
+            log=out / f"mitigate-{part}.log",
+            describe=f"mitigation: {part} against none",
         )
     return jobs
 

@@ -210,4 +210,4 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
     again = _demo(demo)  # everything cached now
     assert again.returncode == 0, again.stderr[-3000:]
     assert not re.search(r"^== (?!study finished)", again.stdout, re.MULTILINE)
-    assert again.stdout.count(": cached (") == 17
+    assert again.stdout.count(": cached (") == 19

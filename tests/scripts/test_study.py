@@ -30,7 +30,7 @@ def test_gpu_configs_pass_the_dry_run_on_cpu(
     config = CONFIGS / f"{name}.yaml"
     code = main(["study", "--config", str(config), "--dry_run", "--output_dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert code == 0 and "14 jobs; all options check out" in out
+    assert code == 0 and "16 jobs; all options check out" in out
     settings = read_yaml(config)
     launches = [line for line in out.splitlines() if "accelerate.commands.launch" in line]
     assert len(launches) == 8  # 6 fine-tunes and 2 detection runs
