@@ -192,9 +192,9 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
     metrics = json.loads((demo / "metrics.json").read_text())
     assert metrics["detection"] == summary and metrics["mitigation"] == mitigation
     assert metrics["mitigation_models"] == models
-    assert {r["model"] for r in metrics["fine_tunes"]} == {
-        "finetune-cfg", "finetune-nocfg", "finetune-cfg-filter", "pretrained", "capacity-full",
-        "capacity-lora", "capacity-subset"}  # fmt: skip
+    metrics_runs = {"finetune-cfg", "finetune-nocfg", "finetune-cfg-filter", "pretrained",
+                    "capacity-full", "capacity-lora", "capacity-subset"}  # fmt: skip
+    assert {r["model"] for r in metrics["fine_tunes"]} == metrics_runs
     markdown = (demo / "report.md").read_text()
     auc = summary["models"]["cfg"]["detection"]["duplicated_vs_held_out"]["score_step1"]["auc"]
     assert f"finetune-cfg: detection AUC {auc:.3f}" in markdown
@@ -206,6 +206,21 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
     state, requests = open_in_chromium(demo / "report.html", tmp_path / "report.png")
     assert state["images"] == [True] * figures and figures >= 14
     assert all(url.startswith("data:") for url in requests[1:])
+
+    # publishing: every folder and card is built offline; only the upload needs a token
+    from scripts.study import StudyConfig
+    from scripts.study_report import hub_repos
+
+    settings = json.loads((demo / "study_config.json").read_text())
+    repos = hub_repos(StudyConfig(**{**settings, "hub_model_id": "me/study"}))
+    assert set(repos) == {f"me/study-{n}" for n in metrics_runs} | {"me/study-study"}
+    card = (repos["me/study-finetune-cfg"] / "README.md").read_text()
+    assert "Memorization measured by the chexmem study" in card
+    assert f"| detection AUC (duplicated vs held-out, step 1) | {auc:.4g} |" in card
+    study = repos["me/study-study"]
+    assert {"report.html", "report.md", "metrics.json", "DATASET_CARD.md"} <= {
+        p.name for p in study.iterdir()}  # fmt: skip
+    assert "no patient data" in (study / "DATASET_CARD.md").read_text()
 
     again = _demo(demo)  # everything cached now
     assert again.returncode == 0, again.stderr[-3000:]

@@ -15,6 +15,7 @@ import pytest
 from detect.models import load_pipeline
 from hf_datasets.errors import ChexmemError
 from scripts.cli import main
+from tests.conftest import OPEN_CXR, needs
 from train.search import SearchConfig, TrialContext, hypervolume, make_study, run_search
 
 
@@ -122,6 +123,28 @@ def test_families_objectives_by_name_and_stage_two_transfer(
         assert run["trainable_share"] == pytest.approx(spec["trainable_share"], rel=1e-6)
         assert run["config"]["train_data_dir"] == str(other)
         assert load_pipeline(out).unet is not None
+
+
+@needs(OPEN_CXR)
+def test_a_found_mask_transfers_to_real_chest_x_rays(
+    tiny_model: Path, phantom_data: Path, tmp_path: Path
+) -> None:
+    """Phantom -> open-cxr (real, openly licensed radiographs): one flag."""
+    from hf_datasets.folder import FolderConfig, load_image_folder
+    from hf_datasets.storage import save_dataset
+
+    first = config(tiny_model, phantom_data, tmp_path / "s", n_trials=1, families=["attention"])
+    run_search(first)
+    saved = next((tmp_path / "s" / "front").glob("trial_*.json"))
+    real = load_image_folder(FolderConfig(root=str(OPEN_CXR), resolution=64, max_rows=40))
+    data = save_dataset(real, tmp_path / "open-cxr")
+    out = tmp_path / "stage2"
+    code = main(["train", "--from_search", str(saved), "--train_data_dir", str(data),
+                 "--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "4",
+                 "--report_to", "jsonl"])  # fmt: skip
+    assert code == 0
+    run = json.loads((out / "chexmem_train.json").read_text())
+    assert run["trainable_share"] == pytest.approx(json.loads(saved.read_text())["trainable_share"])
 
 
 def test_hypervolume_of_a_two_point_front() -> None:
