@@ -135,7 +135,7 @@ def shared_classifier(config: Any, dataset: Any, out: Path) -> Any:
         cached = (folder / "config.json").is_file() and stamp.is_file()
         if cached and stamp.read_text() == trained_on:
             return FindingsClassifier.load(folder)
-        # 64 features: fewer than the 120 generations of the ordinary prompts, so FID's
+        # 64 features: fewer than the ~80 generations of the ordinary prompts, so FID's
         # covariances are full rank at the demo's sizes
         classifier = train_classifier(
             dataset, ClassifierConfig(seed=config.seed, feature_dim=64, progress=False)
