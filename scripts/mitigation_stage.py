@@ -176,20 +176,23 @@ def prepare(config: Any, data: Path) -> Context:
 
 
 def inference_methods(config: Any, neurons: NeuronDeactivation, targets: tuple[float, float]):
-    """Every inference-time method, each in the setting the benchmarks chose."""
+    """None, and each method the study names, in the setting the benchmarks chose."""
     flag, embedding_target = targets
-    methods: dict[str, Mitigation] = {
-        "none": Mitigation(),
-        "embedding": EmbeddingAdjustment(
+    chosen = set(config.methods)
+    methods: dict[str, Mitigation] = {"none": Mitigation()}
+    if "embedding" in chosen:
+        methods["embedding"] = EmbeddingAdjustment(
             target=embedding_target, max_iterations=30, flag_threshold=flag
-        ),
-        "neurons": neurons,
-        "trigger_tokens": TriggerTokenEdit(
+        )
+    if "neurons" in chosen:
+        methods["neurons"] = neurons
+    if "trigger_tokens" in chosen:
+        methods["trigger_tokens"] = TriggerTokenEdit(
             top_k=2, num_inference_steps=config.inference_steps, seed=config.seed
-        ),
-        "attention_scaling": AttentionScaling(),
-    }
-    for k in config.random_tokens:
+        )
+    if "attention_scaling" in chosen:
+        methods["attention_scaling"] = AttentionScaling()
+    for k in config.random_tokens if "random_tokens" in chosen else []:
         methods[f"random_tokens_{k}"] = RandomTokenAddition(num_tokens=k, seed=config.seed)
     return methods
 

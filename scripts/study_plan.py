@@ -30,6 +30,7 @@ DETECT_FIELDS = (
     "heatmap_prompts",
 )
 MITIGATION_FIELDS = (
+    "methods",
     "generations_per_prompt",
     "inference_steps",
     "seed",

@@ -174,7 +174,7 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
         assert prompts == sum(summary["prompts"].values())
     mitigation = json.loads((demo / "mitigation.json").read_text())
     methods = {row["method"] for row in mitigation["inference"]}
-    assert {"none", "embedding", "neurons", "trigger_tokens", "attention_scaling"} <= methods
+    assert {"none", "embedding", "neurons", "trigger_tokens"} <= methods
     assert "random_tokens_4" in methods
     for row in mitigation["inference"]:
         assert 0 <= row["copy_rate"] <= 1 and row["fid"] >= 0
