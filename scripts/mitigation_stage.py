@@ -72,8 +72,11 @@ def localize(pipe: Any, memorized: list[str], reference: list[str], steps: int, 
     return localize_prompts(pipe, memorized, stats, tau, nemo), tau
 
 
-def comparison_grid(report: MitigationReport, train_images: list[Any], path: Path, n: int) -> None:
-    """First generation of n memorized prompts under every method, then the own image."""
+def comparison_grid(
+    report: MitigationReport, own_index: list[int], train_images: list[Any], path: Path, n: int
+) -> None:
+    """First generation of n memorized prompts under every method, then the prompt's own
+    training image (`own_index`: its training row, by prompt position)."""
     methods = list(report.runs)
     per = report.runs[methods[0]].per_prompt
     chosen = list(per.index[per["group"] == "memorized"][:n])
@@ -85,8 +88,7 @@ def comparison_grid(report: MitigationReport, train_images: list[Any], path: Pat
             tiles.append(run.images[i * k])
             row = run.matches[(run.matches["prompt_id"] == i)].iloc[0]
             captions.append(f"{name}: NCC {row['nearest_similarity']:.2f}")
-        own = int(per.loc[i, "own_index"]) if "own_index" in per else -1
-        tiles.append(train_images[own] if own >= 0 else tiles[-1])
+        tiles.append(train_images[int(own_index[i])])
         captions.append("own training image")
     contact_sheet(tiles, captions, tile=96, columns=len(methods) + 1, caption_lines=2).save(path)
 
@@ -230,7 +232,8 @@ def run_methods(config: Any, ctx: Context, model: Path, frame: pd.DataFrame) -> 
         # nearest_similarity is the prompt's best generation: does any of them copy?
         robustness["any_copy"] = robustness["nearest_similarity"] > ctx.threshold
         robustness.to_csv(out / "mitigation_robustness.csv", index=False)
-    comparison_grid(report, ctx.train_images, out / "mitigation_grid.png", 4)
+    own = prompts["own_index"].astype(int).tolist()  # flagged prompts are training prompts
+    comparison_grid(report, own, ctx.train_images, out / "mitigation_grid.png", 4)
     summary = {
         "copy_threshold": ctx.threshold,
         "copy_embedder": ctx.embedder.name,
