@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,6 @@ def train_job(config: StudyConfig, name: str, run: Any, needs: list[str], text: 
 def plan(config: StudyConfig) -> list[Job]:
     """Every job of the study, each after the jobs it needs."""
     from scripts import demo
-    from scripts.mitigation_stage import run_methods  # noqa: F401  (fails early if broken)
     from scripts.study_report import push_study, write_study_report
 
     out, data = config.out, config.out / "data"
@@ -276,8 +274,3 @@ def _write_detect_prompts(config: StudyConfig) -> None:
 
     frame = detection_prompts(config.out / "data", config)
     frame.to_csv(config.out / "detect_prompts.csv", index=False)
-
-
-def replace(config: StudyConfig, **changes: Any) -> StudyConfig:
-    """A copy of the config with some settings changed."""
-    return dataclasses.replace(config, **changes)
