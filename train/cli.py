@@ -92,16 +92,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = ["train", *(sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
     setup_logging()
-    code = run_command(parser, args, argv)
-    leave_process_group()
-    return code
-
-
-def leave_process_group() -> None:
-    """All ranks meet, then tear the process group down, before the interpreter exits: a rank
-    left alone at exit could hang in gloo's teardown (seen in the 2-process CPU test)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    return run_command(parser, args, argv)
