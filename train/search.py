@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from filelock import FileLock
 
 from detect.classifier import ClassifierConfig, FindingsClassifier, train_classifier
 from detect.magnitude import MagnitudeConfig, decode_latents, encode_prompts, noise_magnitudes
@@ -332,8 +333,6 @@ class Objective:
 
     def _classifier(self) -> FindingsClassifier:
         """The study's feature extractor, trained once (by the first worker) and reused."""
-        from filelock import FileLock
-
         folder = self.out / "classifier"
         self.out.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.out / "classifier.lock")):
@@ -445,17 +444,20 @@ def make_study(config: SearchConfig, worker: int = 0) -> Any:
         else optuna.samplers.RandomSampler(seed=seed)
     )
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(
-        study_name=config.study_name,
-        storage=config.storage_url,
-        sampler=sampler,
-        directions=["minimize"] * len(config.objectives),
-        load_if_exists=True,
-    )
-    saved = study.user_attrs.get("objectives")
-    if saved is None:
-        study.set_user_attr("objectives", list(config.objectives))
-    elif saved != list(config.objectives):
+    # workers starting together would race to create the storage's tables and the study
+    # (a UNIQUE constraint error on alembic_version): one at a time creates, the rest load
+    with FileLock(str(Path(config.output_dir) / "study.lock")):
+        study = optuna.create_study(
+            study_name=config.study_name,
+            storage=config.storage_url,
+            sampler=sampler,
+            directions=["minimize"] * len(config.objectives),
+            load_if_exists=True,
+        )
+        saved = study.user_attrs.get("objectives")
+        if saved is None:
+            study.set_user_attr("objectives", list(config.objectives))
+    if saved is not None and saved != list(config.objectives):
         raise ChexmemError(
             f"study {config.study_name!r} in {config.storage_url} optimises {saved}, not "
             f"{list(config.objectives)}: pass --objectives {' '.join(saved)} or a new --study_name"
