@@ -61,6 +61,18 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def leave_process_group() -> None:
+    """Under torchrun / accelerate launch: wait for every rank, then destroy the process group."""
+    dist = sys.modules.get("torch.distributed")  # never import torch just to find none
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    # a rank that exits alone can deadlock in gloo's teardown: its worker thread may still
+    # be freeing the last collective's tensors (which needs the GIL) while the exiting thread
+    # joins it holding the GIL; in the barrier, the GIL is free until every rank arrives
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def run_command(
     top: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str] | None
 ) -> int:
@@ -68,6 +80,7 @@ def run_command(
     try:
         args = apply_config_file(top, args, argv)
         args.func(args)
+        leave_process_group()
     except ChexmemError as error:
         print(f"chexmem: error: {error}", file=sys.stderr)
         return 2

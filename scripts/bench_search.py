@@ -19,9 +19,9 @@ from train.config import TrainConfig
 from train.search import (
     Objective,
     SearchConfig,
+    held_out_quality,
     hypervolume,
     memorization_score,
-    quality_score,
     run_search,
 )
 from train.trainer import train
@@ -54,7 +54,7 @@ def full_reference(config: SearchConfig, objective: Objective, learning_rate: fl
         "memorization": memorization_score(
             pipe, inputs, config.memorization_batches, config.train_batch_size, config.seed
         ),
-        "fid": quality_score(pipe, objective.prompts, objective.real, objective.extractor, config),
+        "fid": held_out_quality(pipe, objective).fid,
         "trainable_share": result.trainable_params / result.total_params,
         "learning_rate": learning_rate,
     }

@@ -89,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="accelerate launch -m train", description=__doc__)
     subparsers = parser.add_subparsers(dest="command")
     add_train_command(subparsers)
+    subparsers.choices["train"].prog = parser.prog  # help reads as the command users type
     argv = ["train", *(sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
     setup_logging()

@@ -212,12 +212,10 @@ def generate(pipe: Any, prompts: list[str], count: int, config: SearchConfig) ->
     return decode_latents(pipe, latents[:count])
 
 
-def quality_score(
-    pipe: Any, prompts: list[str], real: np.ndarray, extractor: Any, config: SearchConfig
-) -> float:
-    """FID of generations for held-out prompts against the held-out real images."""
-    images = generate(pipe, prompts, config.quality_generations, config)
-    return quality(real, extractor.features(images), extractor).fid
+def held_out_quality(pipe: Any, study: Objective) -> QualityResult:
+    """FID and KID of generations for the held-out prompts against their real images."""
+    images = generate(pipe, study.prompts, study.config.quality_generations, study.config)
+    return quality(study.real, study.extractor.features(images), study.extractor)
 
 
 @dataclass
@@ -238,10 +236,7 @@ class TrialContext:
     def quality(self) -> QualityResult:
         """FID and KID of held-out generations (computed once, shared by both objectives)."""
         if self._quality is None:
-            study = self.study
-            images = generate(self.pipe, study.prompts, self.config.quality_generations,
-                              self.config)  # fmt: skip
-            self._quality = quality(study.real, study.extractor.features(images), study.extractor)
+            self._quality = held_out_quality(self.pipe, self.study)
         return self._quality
 
 
@@ -481,8 +476,7 @@ def run_search(config: SearchConfig, worker: int = 0) -> pd.DataFrame:
         started = (state.COMPLETE, state.FAIL, state.PRUNED, state.RUNNING)
         stop = optuna.study.MaxTrialsCallback(config.n_trials, states=started)
         study.optimize(objective, n_trials=remaining, catch=(Exception,), callbacks=[stop])
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    return write_outputs(config, study, complete)
+    return write_outputs(config, study)
 
 
 def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
@@ -530,7 +524,7 @@ TABLE_COLUMNS = ["trial", "state", "trainable_share", "seconds", "family", "lora
                  "block_mask", "learning_rate"]  # fmt: skip
 
 
-def write_outputs(config: SearchConfig, study: Any, complete: list[Any]) -> pd.DataFrame:
+def write_outputs(config: SearchConfig, study: Any) -> pd.DataFrame:
     """All trials, the Pareto front (table, plot, one JSON per configuration), a summary."""
     from detect.cli import write_json
 
@@ -651,7 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     from hf_datasets.cliutils import run_command, setup_logging
 
     parser = argparse.ArgumentParser(prog="accelerate launch -m train.search")
-    add_search_command(parser.add_subparsers(dest="command"))
+    subparsers = parser.add_subparsers(dest="command")
+    add_search_command(subparsers)
+    subparsers.choices["search"].prog = parser.prog  # help reads as the command users type
     argv = ["search", *(sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
     setup_logging()

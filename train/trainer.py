@@ -774,7 +774,13 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
         config.validation_steps and global_step % config.validation_steps == 0
     ):
         run_validation(accelerator, parts, trainable, None, config, resolution, global_step)
-    accelerator.end_training()
+    # not accelerator.end_training(): it destroys the process group, which leaves DDP's
+    # Reducer holding the last reference; freeing it when this function returns joins gloo's
+    # threads with the GIL held while one may still need the GIL to free the last gather's
+    # tensors (a rank hung that way). Every rank waits here, the CLI tears the group down.
+    accelerator.wait_for_everyone()
+    for tracker in accelerator.trackers:
+        tracker.finish()
     return TrainResult(
         output_dir,
         global_step,

@@ -87,7 +87,7 @@ def test_two_processes_give_the_single_process_result(
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", "29531", "-m", "detect", *flags, "--output_dir", str(sharded),
+        "--standalone", "-m", "detect", *flags, "--output_dir", str(sharded),
     ]  # fmt: skip
     result = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=600, check=False

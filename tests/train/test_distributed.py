@@ -29,8 +29,7 @@ def test_two_ranks_see_different_data_and_end_identical(base_args: dict, tmp_pat
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29517",
+        "--standalone",  # a free port: never another run's
         "-m",
         "train",
         *argv,

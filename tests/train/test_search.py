@@ -68,7 +68,8 @@ def test_random_baseline_from_the_command_line(
 ) -> None:
     out = tmp_path / "r"
     code = main(["search", "--pretrained_model_name_or_path", str(tiny_model),
-                 "--train_data_dir", str(phantom_data), "--output_dir", str(out),
+                 "--train_data_dir", str(phantom_data),
+               "--output_dir", str(out),
                  "--sampler", "random", "--n_trials", "1", "--max_train_steps", "2",
                  "--train_batch_size", "4", "--quality_generations", "4",
                  "--num_inference_steps", "2", "--memorization_batches", "1"])  # fmt: skip
@@ -157,7 +158,8 @@ def test_two_workers_share_one_study(tiny_model: Path, phantom_data: Path, tmp_p
     out = tmp_path / "w"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "-m", "train.search", "--pretrained_model_name_or_path", str(tiny_model),
+               "--standalone", "-m", "train.search",
+               "--pretrained_model_name_or_path", str(tiny_model),
                "--train_data_dir", str(phantom_data), "--output_dir", str(out),
                "--n_trials", "4", "--max_train_steps", "2", "--train_batch_size", "4",
                "--quality_generations", "4", "--num_inference_steps", "2",
