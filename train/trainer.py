@@ -483,7 +483,10 @@ def run_drop_counts(resumed: DropCounts, local: DropCounts) -> DropCounts:
 
 
 def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) -> TrainResult:
-    """Fine-tune a Stable Diffusion model as `config` says; returns where the result went."""
+    """Fine-tune a Stable Diffusion model as `config` says; returns where the result went.
+
+    Under torchrun / accelerate launch the process group stays up for the caller (the CLI
+    ends it with `hf_datasets.cliutils.leave_process_group`)."""
     start = time.perf_counter()
     sample_weighter = run_sample_weighter(config, sample_weighter)
     accelerator = make_accelerator(config)
