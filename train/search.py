@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -428,6 +429,29 @@ def become_worker() -> int:
     return rank
 
 
+def open_study(config: SearchConfig, sampler: Any, attempts: int = 5) -> Any:
+    """`optuna.create_study(load_if_exists=True)`, tried again while another worker is
+    creating the same storage's tables."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    def create() -> Any:
+        return optuna.create_study(
+            study_name=config.study_name,
+            storage=config.storage_url,
+            sampler=sampler,
+            directions=["minimize"] * len(config.objectives),
+            load_if_exists=True,
+        )
+
+    for _ in range(attempts - 1):
+        try:
+            return create()
+        except SQLAlchemyError:
+            time.sleep(0.5 + random.random())  # jittered: the racers must not meet again
+    return create()
+
+
 def make_study(config: SearchConfig, worker: int = 0) -> Any:
     """Create or resume the study (same name and storage: the trials so far are kept)."""
     import optuna
@@ -439,16 +463,11 @@ def make_study(config: SearchConfig, worker: int = 0) -> Any:
         else optuna.samplers.RandomSampler(seed=seed)
     )
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    # workers starting together would race to create the storage's tables and the study
-    # (a UNIQUE constraint error on alembic_version): one at a time creates, the rest load
+    # workers starting together race to create the storage's tables and the study (UNIQUE
+    # constraint on alembic_version, "table studies already exists"): those sharing the
+    # output folder take turns; those on other machines (a shared RDB) retry
     with FileLock(str(Path(config.output_dir) / "study.lock")):
-        study = optuna.create_study(
-            study_name=config.study_name,
-            storage=config.storage_url,
-            sampler=sampler,
-            directions=["minimize"] * len(config.objectives),
-            load_if_exists=True,
-        )
+        study = open_study(config, sampler)
         saved = study.user_attrs.get("objectives")
         if saved is None:
             study.set_user_attr("objectives", list(config.objectives))

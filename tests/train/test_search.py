@@ -185,21 +185,28 @@ def _open_study(args: tuple) -> str:
     return "ok"
 
 
+@pytest.mark.parametrize("folders", ["one", "each its own"])
 def test_workers_starting_together_create_one_study(
-    tiny_model: Path, phantom_data: Path, tmp_path: Path
+    tiny_model: Path, phantom_data: Path, tmp_path: Path, folders: str
 ) -> None:
-    # without a lock, 4 processes creating a fresh SQLite study at once failed in 6 of 10
-    # rounds (UNIQUE constraint on alembic_version, or "table studies already exists")
+    # unguarded, 4 processes creating a fresh SQLite study at once failed in 6 of 10 rounds
+    # (UNIQUE constraint on alembic_version, or "table studies already exists"). Workers
+    # with one output folder take turns; with their own (machines sharing an RDB) they retry
     import multiprocessing
 
     import optuna
 
     context = multiprocessing.get_context("fork")
     for round_ in range(3):
-        search = config(tiny_model, phantom_data, tmp_path / f"r{round_}")
+        storage = f"sqlite:///{tmp_path / f'study{round_}.db'}"
+        searches = [
+            config(tiny_model, phantom_data, tmp_path / f"r{round_}" / f"w{w}", storage=storage)
+            if folders == "each its own"
+            else config(tiny_model, phantom_data, tmp_path / f"r{round_}", storage=storage)
+            for w in range(4)
+        ]
         with context.Manager() as manager, context.Pool(4) as pool:
             barrier = manager.Barrier(4)
-            outcomes = pool.map(_open_study, [(search, barrier)] * 4)
+            outcomes = pool.map(_open_study, [(search, barrier) for search in searches])
         assert outcomes == ["ok"] * 4
-        studies = optuna.get_all_study_names(storage=search.storage_url)
-        assert studies == ["memcontrol"]
+        assert optuna.get_all_study_names(storage=storage) == ["memcontrol"]
