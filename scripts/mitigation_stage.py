@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -180,21 +181,19 @@ def prepare(config: Any, data: Path) -> Context:
 def inference_methods(config: Any, neurons: NeuronDeactivation, targets: tuple[float, float]):
     """None, and each method the study names, in the setting the benchmarks chose."""
     flag, embedding_target = targets
-    chosen = set(config.methods)
-    methods: dict[str, Mitigation] = {"none": Mitigation()}
-    if "embedding" in chosen:
-        methods["embedding"] = EmbeddingAdjustment(
+    settings: dict[str, Callable[[], Mitigation]] = {
+        "embedding": lambda: EmbeddingAdjustment(
             target=embedding_target, max_iterations=30, flag_threshold=flag
-        )
-    if "neurons" in chosen:
-        methods["neurons"] = neurons
-    if "trigger_tokens" in chosen:
-        methods["trigger_tokens"] = TriggerTokenEdit(
+        ),
+        "neurons": lambda: neurons,
+        "trigger_tokens": lambda: TriggerTokenEdit(
             top_k=2, num_inference_steps=config.inference_steps, seed=config.seed
-        )
-    if "attention_scaling" in chosen:
-        methods["attention_scaling"] = AttentionScaling()
-    for k in config.random_tokens if "random_tokens" in chosen else []:
+        ),
+        "attention_scaling": AttentionScaling,
+    }
+    methods = {"none": Mitigation()}
+    methods.update({name: make() for name, make in settings.items() if name in config.methods})
+    for k in config.random_tokens if "random_tokens" in config.methods else []:
         methods[f"random_tokens_{k}"] = RandomTokenAddition(num_tokens=k, seed=config.seed)
     return methods
 

@@ -236,12 +236,13 @@ class Running:
         self.job, self.start = job, time.perf_counter()
         self.process: subprocess.Popen | None = None
         self.future: Any = None
+        label = f"== {job.name}: {job.describe}" if job.describe else f"== {job.name}"
         if job.run is not None:
-            print(f"== {job.name}: {job.describe}".rstrip(": "))
+            print(label)
             self.future = pool.submit(job.run)
             return
         assert job.log is not None
-        print(f"== {job.name}: {job.describe} (log: {job.log})".replace(":  (", " ("))
+        print(f"{label} (log: {job.log})")
         job.log.parent.mkdir(parents=True, exist_ok=True)
         self.log = job.log.open("w")
         self.process = subprocess.Popen(job.argv(config), stdout=self.log,

@@ -80,19 +80,11 @@ def plan(config: StudyConfig) -> list[Job]:
     base, base_needs = Path(config.base_model), []
     if config.base_model == "tiny":
         model = [
-            "scripts.cli",
-            "model",
-            "tiny",
-            "--out",
-            str(out / "tiny-sd"),
-            "--overwrite",
-            "--resolution",
-            str(config.resolution),
-            "--seed",
-            str(config.seed),
-            "--vae_train_steps",
-            str(config.vae_train_steps),
-        ]
+            "scripts.cli", "model", "tiny", "--out", str(out / "tiny-sd"), "--overwrite",
+            "--resolution", str(config.resolution),
+            "--seed", str(config.seed),
+            "--vae_train_steps", str(config.vae_train_steps),
+        ]  # fmt: skip
         jobs.append(
             Job(
                 "model",
@@ -109,21 +101,12 @@ def plan(config: StudyConfig) -> list[Job]:
         pretrain = out / "pretrain-data"
         # patients disjoint from the study's (another seed), without duplicates
         command = [
-            "scripts.cli",
-            "data",
-            "phantom",
-            "--out",
-            str(pretrain),
-            "--overwrite",
-            "--num_patients",
-            str(config.pretrain_patients),
-            "--max_studies_per_patient",
-            str(config.max_studies_per_patient),
-            "--resolution",
-            str(config.resolution),
-            "--seed",
-            str(config.seed + 1),
-        ]
+            "scripts.cli", "data", "phantom", "--out", str(pretrain), "--overwrite",
+            "--num_patients", str(config.pretrain_patients),
+            "--max_studies_per_patient", str(config.max_studies_per_patient),
+            "--resolution", str(config.resolution),
+            "--seed", str(config.seed + 1),
+        ]  # fmt: skip
         jobs.append(
             Job(
                 "pretrain-data",
@@ -243,20 +226,9 @@ def mitigation_jobs(
         jobs[name] = train_job(config, name, run, [*start_needs, "data"], text.strip())
     study_file = str(out / "study_config.json")
     inputs = pick(config, MITIGATION_FIELDS)
-    for part, needs in (
-        ("methods", ["detect-eval-cfg", "finetune-cfg"]),
-        (
-            "models",
-            [
-                "detect-eval-cfg",
-                "finetune-cfg",
-                "finetune-cfg-filter",
-                "capacity-full",
-                "capacity-lora",
-                "capacity-subset",
-            ],
-        ),
-    ):
+    methods_needs = ["detect-eval-cfg", "finetune-cfg"]
+    models_needs = [*methods_needs, "finetune-cfg-filter", *jobs]  # jobs: the capacity runs
+    for part, needs in (("methods", methods_needs), ("models", models_needs)):
         jobs[f"mitigate-{part}"] = Job(
             f"mitigate-{part}",
             needs,
