@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from hf_datasets.cliutils import add_config_flag, run_command, setup_logging
+from detect.registry import DETECTORS
 from hf_datasets.errors import ChexmemError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,23 +39,54 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         required=True,
         help="a fine-tune output folder (full, LoRA or subset), a pipeline folder or a Hub id",
     )
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="precision the model runs in; float16 / bfloat16 halve GPU memory "
+        "(default: %(default)s)",
+    )
 
 
 def add_prompt_flags(p: argparse.ArgumentParser) -> None:
     """Flags naming the prompt set."""
-    p.add_argument("--prompts", help="prompt file: .txt (one per line), .csv/.jsonl/.parquet")
-    p.add_argument("--dataset", help="a saved chexmem dataset: its distinct prompts, labelled")
-    p.add_argument("--split", default="train", help="dataset split (default: train)")
-    p.add_argument("--num_prompts", type=int, help="use only the first N prompts")
+    p.add_argument(
+        "--prompts", help="prompt file: .txt (one per line), .csv/.jsonl/.parquet (or --dataset)"
+    )
+    p.add_argument(
+        "--dataset", help="a saved chexmem dataset: its distinct prompts, labelled (or --prompts)"
+    )
+    p.add_argument("--split", default="train", help="split of --dataset (default: %(default)s)")
+    p.add_argument("--num_prompts", type=int, help="use only the first N prompts (default: all)")
 
 
 def add_trajectory_flags(p: argparse.ArgumentParser, generations: int) -> None:
     """Flags of the sampling trajectory (Wen et al.'s reference values as defaults)."""
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--num_generations", type=int, default=generations, help="n per prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=50,
+        help="denoising steps of the sampler (DDIM) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=7.5,
+        help="classifier-free guidance scale; 1: no guidance (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num_generations",
+        type=int,
+        default=generations,
+        help="generations (initial noises) per prompt (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="base seed: generation j of prompt i starts from seed + 1000 i + j "
+        "(default: %(default)s)",
+    )
 
 
 def write_table(frame: pd.DataFrame, out: Path, name: str) -> None:
@@ -91,13 +123,16 @@ def cmd_detect(args: argparse.Namespace) -> None:
     from accelerate.utils import gather_object, parse_flag_from_env
 
     from detect.evaluate import detection
-    from detect.magnitude import MagnitudeConfig, decode_latents, noise_magnitudes, prompt_scores
+    from detect.base import SamplingPass
+    from detect.magnitude import MagnitudeConfig, decode_latents, noise_magnitudes
     from detect.models import load_pipeline
     from detect.prompt_sets import load_prompt_set
+    from detect.registry import make_detectors
 
     # PartialState, unlike Accelerator, does not read ACCELERATE_USE_CPU itself
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     prompts = load_prompt_set(args.prompts, args.dataset, args.split, args.num_prompts)
+    detectors = make_detectors(args.detector)
     config = MagnitudeConfig(
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
@@ -118,9 +153,10 @@ def cmd_detect(args: argparse.Namespace) -> None:
     rows = list(zip(prompts["prompt_id"], prompts["prompt"], strict=True))
     with state.split_between_processes(rows) as shard:
         ids = [int(i) for i, _ in shard]
-        result = noise_magnitudes(
-            pipe, [p for _, p in shard], config, prompt_ids=ids, keep_final=args.save_images
-        )
+        texts = [p for _, p in shard]
+        result = noise_magnitudes(pipe, texts, config, prompt_ids=ids, keep_final=args.save_images)
+        shared = SamplingPass(pipe, texts, ids, config, result.table, args.first_k)
+        shard_scores = {d.name: d.score(shared) for d in detectors}
     seconds = time.perf_counter() - start
     images = []
     if args.save_images and ids:
@@ -134,15 +170,17 @@ def cmd_detect(args: argparse.Namespace) -> None:
             images.append((prompt_id, generation, seed, name))
     tables = gather_object([result.table])
     images = gather_object(images)
+    parts = gather_object([shard_scores])
     if not state.is_main_process:
         return
     table = pd.concat(tables, ignore_index=True).sort_values(["prompt_id", "generation", "step"])
     table = table.reset_index(drop=True)
-    scores = prompts.copy()
-    for k in sorted({1, args.first_k}):
-        if k <= config.steps_run:
-            scores[f"score_first_{k}"] = prompt_scores(table, k).reindex(scores["prompt_id"]).values
-    scores["score_all_steps"] = prompt_scores(table, None).reindex(scores["prompt_id"]).values
+    scores, columns = prompts.copy(), {}
+    for detector in detectors:
+        frame = pd.concat([part[detector.name] for part in parts])
+        columns[detector.name] = list(frame.columns)
+        for column in frame.columns:
+            scores[column] = frame[column].reindex(scores["prompt_id"]).values
     write_table(table, out, "magnitudes")
     write_table(scores, out, "scores")
     if args.save_images:
@@ -152,6 +190,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
         "model": str(args.model),
         "prompts": len(prompts),
         "config": asdict(config),
+        "detectors": columns,  # each detector's columns of scores.csv
         "processes": state.num_processes,
         "seconds": round(seconds, 3),
         "seconds_per_prompt": round(seconds / len(prompts), 4),
@@ -391,14 +430,38 @@ def add_detect_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max_steps", type=int, help="stop each trajectory after this many steps (default: all)"
     )
-    p.add_argument("--first_k", type=int, default=1, help="score: mean over the first k steps")
-    p.add_argument("--batch_size", type=int, default=32, help="generations per UNet call")
+    p.add_argument(
+        "--first_k",
+        type=int,
+        default=1,
+        help="also score each prompt by its mean noise magnitude over the first k sampling "
+        "steps (default: %(default)s)",
+    )
+    p.add_argument(
+        "--detector",
+        nargs="+",
+        choices=list(DETECTORS),
+        default=["magnitude"],
+        metavar="NAME",
+        help=f"detectors to score with, one pass over the prompts ({', '.join(DETECTORS)}; "
+        "default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=32,
+        help="generations per UNet call (default: %(default)s)",
+    )
     p.add_argument(
         "--save_images",
         action="store_true",
         help="also decode and save every generation (images/, listed in images.csv)",
     )
-    p.add_argument("--output_dir", default="chexmem-detect")
+    p.add_argument(
+        "--output_dir",
+        default="chexmem-detect",
+        help="folder for magnitudes, scores.csv and summary.json (default: %(default)s)",
+    )
     add_config_flag(p)
 
 
@@ -413,9 +476,23 @@ def add_detect_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", help="one prompt (or use --prompts / --dataset)")
     add_prompt_flags(p)
     add_trajectory_flags(p, generations=4)
-    p.add_argument("--steps", type=int, default=1, help="first steps the gradient averages")
-    p.add_argument("--top_k", type=int, default=3, help="trigger tokens removed in the check")
-    p.add_argument("--output_dir", default="chexmem-tokens")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=1,
+        help="first sampling steps the token gradient is averaged over (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top_k",
+        type=int,
+        default=3,
+        help="trigger tokens whose words the removal check deletes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--output_dir",
+        default="chexmem-tokens",
+        help="folder for tokens.csv/.parquet, tokens.json, tokens.html (default: %(default)s)",
+    )
     add_config_flag(p)
     p.set_defaults(func=cmd_tokens, _parser=p)
 
@@ -425,16 +502,55 @@ def add_detect_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--memorized_only", action="store_true", help="only prompts labelled 1")
     p.add_argument("--reference_prompts", help="non-memorized prompts for the statistics")
     p.add_argument("--reference_dataset", help="...or a dataset whose split is not memorized")
-    p.add_argument("--reference_split", default="test")
+    p.add_argument(
+        "--reference_split",
+        default="test",
+        help="split of --reference_dataset (default: %(default)s)",
+    )
     p.add_argument("--num_reference", type=int, help="use only the first N reference prompts")
-    p.add_argument("--num_seeds", type=int, default=10)
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--noise_step_index", type=int, default=0, help="0: t = T (the paper)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--include_up_blocks", action="store_true")
-    p.add_argument("--tau_mem", type=float, help="memorization threshold (default: calibrated)")
+    p.add_argument(
+        "--num_seeds",
+        type=int,
+        default=10,
+        help="initial noises per prompt whose noise predictions are compared, >= 2 "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=50,
+        help="steps of the DDIM schedule the measured timestep comes from (default: %(default)s)",
+    )
+    p.add_argument(
+        "--noise_step_index",
+        type=int,
+        default=0,
+        help="index of the measured timestep in that schedule; 0: t = T as in the paper, "
+        "1: the public code (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="base seed: seed j of prompt i is seed + 1000 i + j (default: %(default)s)",
+    )
+    p.add_argument(
+        "--include_up_blocks",
+        action="store_true",
+        help="also search the up blocks' cross-attention (the paper: down and mid only)",
+    )
+    p.add_argument(
+        "--tau_mem",
+        type=float,
+        help="SSIM memorization threshold tau_mem (default: mean + 1 std of the reference "
+        "prompts' largest pairwise SSIM)",
+    )
     p.add_argument("--cache_dir", help="reference statistics cache (default: OUT/reference)")
-    p.add_argument("--output_dir", default="chexmem-neurons")
+    p.add_argument(
+        "--output_dir",
+        default="chexmem-neurons",
+        help="folder for neurons.json and the per-prompt / per-layer tables (default: %(default)s)",
+    )
     add_config_flag(p)
     p.set_defaults(func=cmd_neurons, _parser=p)
 
@@ -447,13 +563,42 @@ def add_detect_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", required=True, help="the saved training dataset")
     p.add_argument("--split", default="train", help="the training split (default: train)")
     p.add_argument(
-        "--heldout_split", default="test", help="real held-out images for the copy threshold"
+        "--heldout_split",
+        default="test",
+        help="split of real held-out images that calibrates the copy threshold "
+        "(default: %(default)s)",
     )
-    p.add_argument("--embedder", choices=EMBEDDERS, default="ncc")
-    p.add_argument("--size", type=int, default=64, help="images are compared at this size")
-    p.add_argument("--percentile", type=float, default=95.0, help="copy threshold percentile")
-    p.add_argument("--max_memory_mb", type=int, default=512, help="search working memory")
-    p.add_argument("--output_dir", default="chexmem-similarity")
+    p.add_argument(
+        "--embedder",
+        choices=EMBEDDERS,
+        default="ncc",
+        help="similarity: ncc (pixel normalised cross-correlation), ssim, msssim (multi-scale "
+        "SSIM), tiled_l2 (Carlini et al.'s tiled L2) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=64,
+        help="images are resized to this side in pixels before comparing (default: %(default)s)",
+    )
+    p.add_argument(
+        "--percentile",
+        type=float,
+        default=95.0,
+        help="copy threshold: this percentile of held-out images' nearest-training similarity "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--max_memory_mb",
+        type=int,
+        default=512,
+        help="working memory of the nearest-neighbour search in MB (default: %(default)s)",
+    )
+    p.add_argument(
+        "--output_dir",
+        default="chexmem-similarity",
+        help="folder for matches, prompts.csv and summary.json (default: %(default)s)",
+    )
     add_config_flag(p)
     p.set_defaults(func=cmd_similarity, _parser=p)
 

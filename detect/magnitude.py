@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from detect.base import Detector, SamplingPass
 from hf_datasets.errors import ChexmemError
 
 SEED_STRIDE = 1000  # seed of generation j of prompt i: seed + SEED_STRIDE * i + j
@@ -254,3 +256,32 @@ def decode_latents(pipe: Any, latents: torch.Tensor, batch_size: int = 32) -> li
         decoded = pipe.vae.decode(chunk / pipe.vae.config.scaling_factor, return_dict=False)[0]
         images += pipe.image_processor.postprocess(decoded, output_type="pil")
     return images
+
+
+class NoiseMagnitude(Detector):
+    """Wen et al.'s detector: the mean m_t over the first k steps and the n generations."""
+
+    name = "magnitude"
+    title = "text-conditional noise magnitude (Wen et al., ICLR 2024)"
+    summary = "||eps(x_t, e_p) - eps(x_t, e_0)|| along the guided trajectory, mean of n seeds"
+
+    def score(self, run: SamplingPass) -> pd.DataFrame:
+        """Step 1, the first k steps (when k > 1) and all steps run."""
+        table = run.table.sort_values(["prompt_id", "generation", "step"])
+        scores = pd.DataFrame(index=pd.Index(run.prompt_ids, name="prompt_id"))
+        for k in sorted({1, run.first_k}):
+            if k <= run.config.steps_run:
+                scores[f"score_first_{k}"] = prompt_scores(table, k)
+        scores["score_all_steps"] = prompt_scores(table, None)
+        return scores
+
+    def study_scores(self, run_dir: Path, columns: list[str]) -> pd.DataFrame:
+        """Step 1 with n = 1 and with every generation, and all steps (from magnitudes)."""
+        table = pd.read_parquet(run_dir / "magnitudes.parquet")
+        return pd.DataFrame(
+            {
+                "score_step1_n1": prompt_scores(table, 1, 1),
+                "score_step1": prompt_scores(table, 1),
+                "score_all_steps": prompt_scores(table, None),
+            }
+        )

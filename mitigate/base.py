@@ -25,10 +25,27 @@ import torch
 from detect.magnitude import MagnitudeConfig, MagnitudeResult, noise_magnitudes
 
 
+@dataclass
+class StudySetup:
+    """What a study knows when it sets up the mitigations it compares with none."""
+
+    inference_steps: int
+    seed: int
+    detection_flag: float  # step-1 score at or above which a prompt counts as flagged
+    embedding_target: float  # the score the embedding adjustment pushes flagged prompts to
+    neurons: Any = None  # the NeuronDeactivation of the neurons NEMO localized
+    random_tokens: tuple[int, ...] = (4,)  # tokens added, one variant each
+
+
 class Mitigation:
     """An inference-time intervention; subclasses override what they change."""
 
     name = "none"
+
+    @classmethod
+    def study_variants(cls, setup: StudySetup) -> dict[str, Mitigation]:
+        """The variants a study compares with none, by row name (default: one, as built)."""
+        return {cls.name: cls()}
 
     def rewrite(self, pipe: Any, prompts: list[str], prompt_ids: list[int]) -> list[str]:
         """The prompts actually fed to the text encoder."""

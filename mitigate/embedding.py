@@ -29,7 +29,7 @@ from diffusers import DDIMScheduler
 from detect.magnitude import MagnitudeConfig, encode_prompts, initial_latents, noise_magnitudes
 from detect.tokens import frozen
 from hf_datasets.errors import ChexmemError
-from mitigate.base import Mitigation
+from mitigate.base import Mitigation, StudySetup
 
 
 @dataclass
@@ -181,6 +181,12 @@ class EmbeddingAdjustment(Mitigation):
     lr: float = 0.05
     max_iterations: int = 10
     flag_threshold: float | None = None  # adjust only prompts starting at or above this
+
+    @classmethod
+    def study_variants(cls, setup: StudySetup) -> dict[str, Mitigation]:
+        """Flagged prompts pushed down to the study's target, at most 30 iterations."""
+        return {cls.name: cls(target=setup.embedding_target, max_iterations=30,
+                              flag_threshold=setup.detection_flag)}  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.max_iterations < 0:

@@ -47,7 +47,7 @@ from detect.models import load_pipeline
 from detect.neurons import NemoReport, NeuronSet, blocked, zero_neurons
 from detect.similarity import Embedder, NCCEmbedder, TrainingBank, match_generations
 from hf_datasets.errors import ChexmemError
-from mitigate.base import Mitigation, generate
+from mitigate.base import Mitigation, StudySetup, generate
 
 MODES = ("union", "per_prompt")
 PRUNED_FILE = "chexmem_pruned.json"
@@ -242,6 +242,13 @@ class NeuronDeactivation(Mitigation):
     mode: str = "union"  # "union": every set for every prompt; "per_prompt": a prompt's own set
 
     name = "neurons"
+
+    @classmethod
+    def study_variants(cls, setup: StudySetup) -> dict[str, Mitigation]:
+        """The neurons the study localized with NEMO."""
+        if not isinstance(setup.neurons, cls):
+            raise ChexmemError("the neurons mitigation needs the study's NEMO neurons")
+        return {cls.name: setup.neurons}
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

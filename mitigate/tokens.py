@@ -24,7 +24,7 @@ import numpy as np
 
 from detect.tokens import TokenConfig, TokenSignificance, token_significance
 from hf_datasets.errors import ChexmemError
-from mitigate.base import Mitigation
+from mitigate.base import Mitigation, StudySetup
 
 MODES = ("remove", "replace")
 _SINGLE_TOKENS: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
@@ -83,6 +83,12 @@ class TriggerTokenEdit(Mitigation):
     num_generations: int = 4
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
+
+    @classmethod
+    def study_variants(cls, setup: StudySetup) -> dict[str, Mitigation]:
+        """The top 2 trigger tokens removed, significance on the study's trajectory."""
+        return {cls.name: cls(top_k=2, num_inference_steps=setup.inference_steps,
+                              seed=setup.seed)}  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -146,6 +152,11 @@ class RandomTokenAddition(Mitigation):
 
     num_tokens: int = 1  # k; the paper uses 1, 4 and 10
     seed: int = 0
+
+    @classmethod
+    def study_variants(cls, setup: StudySetup) -> dict[str, Mitigation]:
+        """One variant per count of random tokens the study names."""
+        return {f"{cls.name}_{k}": cls(num_tokens=k, seed=setup.seed) for k in setup.random_tokens}
 
     def __post_init__(self) -> None:
         if self.num_tokens < 1:

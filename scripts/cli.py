@@ -10,9 +10,21 @@ from detect.cli import add_detect_commands
 from hf_datasets.cli import add_data_commands
 from hf_datasets.cliutils import run_command, setup_logging
 from mitigate.cli import add_mitigate_commands
-from scripts.study import add_study_commands
+from scripts.study.cli import add_study_commands
 from train.cli import add_model_command, add_train_command
 from train.search import add_search_command
+
+
+def version() -> str:
+    """The installed chexmem's version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        number = installed("chexmem")
+    except PackageNotFoundError:
+        number = "unknown (not installed)"
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         "memorization.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {version()}", help="print the version"
+    )
     subparsers = parser.add_subparsers(
         dest="command",
         required=True,

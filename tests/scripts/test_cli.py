@@ -208,8 +208,8 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
     assert all(url.startswith("data:") for url in requests[1:])
 
     # publishing: every folder and card is built offline; only the upload needs a token
-    from scripts.study import StudyConfig
-    from scripts.study_report import hub_repos
+    from scripts.study.config import StudyConfig
+    from scripts.study.report import hub_repos
 
     settings = json.loads((demo / "study_config.json").read_text())
     repos = hub_repos(StudyConfig(**{**settings, "hub_model_id": "me/study"}))

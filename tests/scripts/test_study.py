@@ -13,7 +13,8 @@ import pytest
 from hf_datasets.cliutils import read_yaml
 from hf_datasets.errors import ChexmemError
 from scripts.cli import main
-from scripts.study import Job, StudyConfig, assign_keys, run_jobs
+from scripts.study.config import StudyConfig
+from scripts.study.runner import Job, assign_keys, run_jobs
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs"
@@ -102,7 +103,7 @@ def test_accelerate_launcher_command_line() -> None:
     job = Job("t", [], {}, ["train", "--seed", "1"], accelerate=True)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/x.yaml"]
     assert job.argv(config) == [*launch, "-m", "train", "--seed", "1"]
-    assert Job("m", [], {}, ["scripts.mitigation_stage"]).argv(config)[1:3] == [
+    assert Job("m", [], {}, ["scripts.study.mitigation"]).argv(config)[1:3] == [
         "-m",
-        "scripts.mitigation_stage",
+        "scripts.study.mitigation",
     ]

@@ -6,7 +6,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from scripts.study import Job, StudyConfig
+from scripts.study import stages
+from scripts.study.config import StudyConfig
+from scripts.study.report import push_study, write_study_report
+from scripts.study.runner import Job
 
 DATA_FIELDS = (
     "data_source",
@@ -45,9 +48,7 @@ def pick(config: StudyConfig, names: tuple[str, ...]) -> dict[str, Any]:
 
 def train_job(config: StudyConfig, name: str, run: Any, needs: list[str], text: str) -> Job:
     """A `python -m train` job (accelerate launch with `launcher: accelerate`)."""
-    from scripts.demo import train_flags
-
-    flags = train_flags(config, run, config.out / name)
+    flags = stages.train_flags(config, run, config.out / name)
     return Job(
         name,
         needs,
@@ -61,16 +62,13 @@ def train_job(config: StudyConfig, name: str, run: Any, needs: list[str], text: 
 
 def plan(config: StudyConfig) -> list[Job]:
     """Every job of the study, each after the jobs it needs."""
-    from scripts import demo
-    from scripts.study_report import push_study, write_study_report
-
     out, data = config.out, config.out / "data"
     jobs = [
         Job(
             "data",
             [],
             pick(config, DATA_FIELDS),
-            run=partial(demo.run_data_stage, config),
+            run=partial(stages.run_data_stage, config),
             describe=f"{config.data_source} data, {config.duplicated_rows} rows x "
             f"{config.copies} copies injected",
         )
@@ -117,7 +115,7 @@ def plan(config: StudyConfig) -> list[Job]:
                 describe=f"{config.pretrain_patients} other phantom patients",
             )
         )
-    first = demo.first_round(config, base, data, pretrain)
+    first = stages.first_round(config, base, data, pretrain)
     trains = {}
     for name, run in first.items():
         needs = [*base_needs, "pretrain-data" if name == "pretrained" else "data"]
@@ -161,8 +159,6 @@ def plan(config: StudyConfig) -> list[Job]:
 
 def detection_jobs(config: StudyConfig, base_needs: list[str]) -> dict[str, Job]:
     """The prompts, both models' `python -m detect` runs, their evaluation and its merge."""
-    from scripts import demo
-
     out, data = config.out, config.out / "data"
     jobs = {
         "detect-prompts": Job(
@@ -175,7 +171,7 @@ def detection_jobs(config: StudyConfig, base_needs: list[str]) -> dict[str, Job]
     }
     guided = {"cfg": ("finetune-cfg", 7.5), "nocfg": ("finetune-nocfg", 1.0)}
     for name, (model_name, guidance) in guided.items():
-        flags = demo.detect_flags(
+        flags = stages.detect_flags(
             config, out / model_name, out / "detect_prompts.csv", guidance, out / f"detect-{name}"
         )
         jobs[f"detect-{name}"] = Job(
@@ -188,7 +184,7 @@ def detection_jobs(config: StudyConfig, base_needs: list[str]) -> dict[str, Job]
             describe=f"noise magnitudes of {model_name}, guidance {guidance}",
         )
         evaluate = partial(
-            demo.evaluate_detect_runs,
+            stages.evaluate_detect_runs,
             config,
             data,
             {name: (out / model_name, guidance)},
@@ -205,7 +201,7 @@ def detection_jobs(config: StudyConfig, base_needs: list[str]) -> dict[str, Job]
         "detection",
         ["detect-eval-cfg", "detect-eval-nocfg"],
         {},
-        run=partial(demo.merge_detection, config, list(guided)),
+        run=partial(stages.merge_detection, config, list(guided)),
         describe="detection.json",
     )
     return jobs
@@ -215,13 +211,11 @@ def mitigation_jobs(
     config: StudyConfig, base: Path, base_needs: list[str], pretrain: Path | None
 ) -> dict[str, Job]:
     """The capacity fine-tunes and both parts of the mitigation stage."""
-    from scripts import demo
-
     out, data = config.out, config.out / "data"
     jobs = {}
     start = out / "pretrained" if pretrain else base
     start_needs = ["pretrained"] if pretrain else base_needs
-    for name, run in demo.capacity_round(config, start, data).items():
+    for name, run in stages.capacity_round(config, start, data).items():
         text = f"{config.capacity_steps} steps from {start.name} {' '.join(run.extra)}"
         jobs[name] = train_job(config, name, run, [*start_needs, "data"], text.strip())
     study_file = str(out / "study_config.json")
@@ -233,7 +227,7 @@ def mitigation_jobs(
             f"mitigate-{part}",
             needs,
             inputs,
-            ["scripts.mitigation_stage", "--study", study_file, "--part", part],
+            ["scripts.study.mitigation", "--study", study_file, "--part", part],
             log=out / f"mitigate-{part}.log",
             describe=f"mitigation: {part} against none",
         )
@@ -242,7 +236,5 @@ def mitigation_jobs(
 
 def _write_detect_prompts(config: StudyConfig) -> None:
     """The prompts to validate the detector on, as OUT/detect_prompts.csv."""
-    from scripts.demo import detection_prompts
-
-    frame = detection_prompts(config.out / "data", config)
+    frame = stages.detection_prompts(config.out / "data", config)
     frame.to_csv(config.out / "detect_prompts.csv", index=False)

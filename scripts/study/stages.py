@@ -1,6 +1,6 @@
 """The study's stage bodies: data, base model, fine-tune flags, detection and its validation.
 
-`scripts.study_plan` arranges them into the study's jobs; `chexmem demo` runs them on the
+`scripts.study.plan` arranges them into the study's jobs; `chexmem demo` runs them on the
 embedded default:
 1. data: phantom chest radiographs (or CheXpert, or an image folder) with injected
    duplicates, saved with `save_to_disk`, and contact sheets of duplicated and ordinary rows;
@@ -28,15 +28,15 @@ from PIL import Image
 
 from detect.cli import write_json
 from detect.evaluate import correlation, detection, roc_curve
-from detect.magnitude import prompt_scores
 from detect.plots import roc_plot, scatter_plot
+from detect.registry import detector_class
 from detect.similarity import ncc_features, nearest
 from hf_datasets.duplicates import duplicated_rows, inject_duplicates
 from hf_datasets.phantom import PhantomConfig, generate_phantom
 from hf_datasets.show import contact_sheet, show
 from hf_datasets.storage import load_dataset_dir, save_dataset
 from hf_datasets.summary import summarize
-from scripts.study import StudyConfig
+from scripts.study.config import StudyConfig
 
 
 def run_data_stage(config: StudyConfig) -> Path:
@@ -186,6 +186,7 @@ def detect_flags(config: StudyConfig, model: Path, prompts: Path, guidance: floa
         "--seed", str(config.seed),
         "--batch_size", str(config.detect_batch_size),
         "--dtype", config.inference_dtype,
+        "--detector", *config.detectors,
         "--save_images",
         "--output_dir", str(out),
     ]  # fmt: skip
@@ -208,17 +209,21 @@ def copy_similarity(
     return images, features
 
 
-def run_scores(run: Path, prompts: pd.DataFrame) -> pd.DataFrame:
-    """Prompt scores of a detection run: step 1 with n = 1 and all n, and over all steps."""
-    table = pd.read_parquet(run / "magnitudes.parquet")
-    frame = prompts.copy()
-    frame["score_step1_n1"] = prompt_scores(table, 1, 1)
-    frame["score_step1"] = prompt_scores(table, 1)
-    frame["score_all_steps"] = prompt_scores(table, None)
-    return frame
+def run_scores(run: Path, prompts: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """Prompt scores of a detection run, each detector's as it chooses to be validated (the
+    magnitude: step 1 with n = 1 and all n, and over all steps), and each one's columns."""
+    summary = json.loads((run / "summary.json").read_text())
+    written = summary.get("detectors", {"magnitude": []})  # runs before the registry: Wen's
+    frame, columns = prompts.copy(), {}
+    for name, names in written.items():
+        scores = detector_class(name)().study_scores(run, names)
+        columns[name] = list(scores.columns)
+        for column in scores.columns:
+            frame[column] = scores[column]
+    return frame, columns
 
 
-def evaluate_detection(frame: pd.DataFrame) -> dict:
+def evaluate_detection(frame: pd.DataFrame, scores: list[str]) -> dict:
     """AUC / TPR@1%FPR of the duplicated prompts against each other group, for every score."""
     out: dict = {}
     duplicated = frame[frame["group"] == "duplicated"]
@@ -231,7 +236,7 @@ def evaluate_detection(frame: pd.DataFrame) -> dict:
         labels = np.r_[np.ones(len(duplicated)), np.zeros(len(others))]
         out[f"duplicated_vs_{against}"] = {
             score: detection(labels, np.r_[duplicated[score], others[score]]).to_dict()
-            for score in ("score_step1_n1", "score_step1", "score_all_steps")
+            for score in scores
         }
     return out
 
@@ -277,7 +282,8 @@ def evaluate_detect_runs(
     for name, (_, guidance) in models.items():
         run = out / f"detect-{name}"
         images, _ = copy_similarity(run, bank, prompts)
-        frame = run_scores(run, prompts)
+        frame, columns = run_scores(run, prompts)
+        scores = [column for names in columns.values() for column in names]
         per_prompt = images.groupby("prompt_id")
         frame["copy_similarity"] = per_prompt["nearest_similarity"].mean()
         frame["max_copy_similarity"] = per_prompt["nearest_similarity"].max()
@@ -285,7 +291,8 @@ def evaluate_detect_runs(
         result = {
             "guidance_scale": guidance,
             "seconds": json.loads((run / "summary.json").read_text())["seconds"],
-            "detection": evaluate_detection(frame),
+            "detectors": columns,
+            "detection": evaluate_detection(frame, scores),
             "copy_similarity_by_group": {
                 group: {
                     "mean_nearest_similarity": round(float(g["copy_similarity"].mean()), 4),
@@ -312,7 +319,7 @@ def evaluate_detect_runs(
         )
         others = frame["group"] != "duplicated"
         curves = {}
-        for score in ("score_step1_n1", "score_step1", "score_all_steps"):
+        for score in scores:
             curve = roc_curve(1 - others.astype(int), frame[score])
             curves[score] = (curve.fpr, curve.tpr)
         roc_plot(curves, out / f"detect_{name}_roc.png", f"{name}: duplicated vs all other prompts")

@@ -11,9 +11,10 @@ from typing import Any
 import pandas as pd
 
 from detect.plots import bar_chart
+from detect.registry import detector_class
 from hf_datasets.errors import ChexmemError
 from scripts.report import Figure, ReportPaths, Section, Table, write_report
-from scripts.study import StudyConfig
+from scripts.study.config import StudyConfig
 
 TRAIN_RUNS = (
     "finetune-cfg",
@@ -82,20 +83,23 @@ def detection_section(config: StudyConfig, detection: dict) -> Section:
     """ROC curves, score vs copy similarity, token heat maps and copy grids per model."""
     section = Section("Detection and its validation against copy similarity")
     section.text.append(
-        "Score: Wen et al.'s text-conditional noise magnitude at the first sampling step "
-        f"(mean over {config.generations_per_prompt} generations). Copy similarity: pixel NCC "
-        "of each generation to its nearest training image (mean over the prompt's "
-        f"generations). Prompts: {detection.get('prompts')}."
+        "Scores, each the mean over a prompt's "
+        f"{config.generations_per_prompt} generations: "
+        + "; ".join(f"{name}: {detector_class(name).title}" for name in config.detectors)
+        + ". Copy similarity: pixel NCC of each generation to its nearest training image "
+        f"(mean over the prompt's generations). Prompts: {detection.get('prompts')}."
     )
     rows = []
     for name, result in detection.get("models", {}).items():
         model, _ = DETECTED[name]
+        owner = {c: d for d, cs in result.get("detectors", {}).items() for c in cs}
         for against, scores in result["detection"].items():
             for score, values in scores.items():
                 rows.append(
                     {
                         "model": model,
                         "against": against.removeprefix("duplicated_vs_"),
+                        "detector": owner.get(score, "magnitude"),
                         "score": score,
                         "auc": values["auc"],
                         "tpr_at_1%_fpr": values["tpr_at_1pct_fpr"],

@@ -1,6 +1,6 @@
 """The study's mitigation stage: every method against none, on the same prompts and seeds.
 
-Two parts, run as two processes side by side (`python -m scripts.mitigation_stage --study
+Two parts, run as two processes side by side (`python -m scripts.study.mitigation --study
 OUT/study_config.json --part methods|models`):
 1. `methods`: inference-time methods on the CFG model, on the prompts detection flags as
    memorized (training prompts whose step-1 score reaches the 95th percentile of held-out
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,8 @@ from detect.similarity import NCCEmbedder, TrainingBank
 from detect.similarity import calibrate_threshold as copy_threshold
 from hf_datasets.show import contact_sheet
 from hf_datasets.storage import load_dataset_dir
-from mitigate.attention import AttentionScaling
-from mitigate.base import Mitigation
-from mitigate.embedding import EmbeddingAdjustment, calibrate_target
+from mitigate.base import Mitigation, StudySetup
+from mitigate.embedding import calibrate_target
 from mitigate.evaluate import (
     ClassifierMetrics,
     EvaluationSetup,
@@ -47,7 +45,8 @@ from mitigate.evaluate import (
     evaluate_methods,
 )
 from mitigate.neurons import NeuronDeactivation, perturbation_robustness
-from mitigate.tokens import RandomTokenAddition, TriggerTokenEdit
+from mitigate.registry import mitigation_class
+from scripts.study.config import study_methods
 
 
 def flagged_prompts(frame: pd.DataFrame, target: float) -> pd.DataFrame:
@@ -179,22 +178,15 @@ def prepare(config: Any, data: Path) -> Context:
 
 
 def inference_methods(config: Any, neurons: NeuronDeactivation, targets: tuple[float, float]):
-    """None, and each method the study names, in the setting the benchmarks chose."""
+    """None, and each method the study names in the registry's order, in the setting its
+    class chose for studies (`study_variants`: the benchmarks' settings)."""
     flag, embedding_target = targets
-    settings: dict[str, Callable[[], Mitigation]] = {
-        "embedding": lambda: EmbeddingAdjustment(
-            target=embedding_target, max_iterations=30, flag_threshold=flag
-        ),
-        "neurons": lambda: neurons,
-        "trigger_tokens": lambda: TriggerTokenEdit(
-            top_k=2, num_inference_steps=config.inference_steps, seed=config.seed
-        ),
-        "attention_scaling": AttentionScaling,
-    }
-    methods = {"none": Mitigation()}
-    methods.update({name: make() for name, make in settings.items() if name in config.methods})
-    for k in config.random_tokens if "random_tokens" in config.methods else []:
-        methods[f"random_tokens_{k}"] = RandomTokenAddition(num_tokens=k, seed=config.seed)
+    setup = StudySetup(config.inference_steps, config.seed, flag, embedding_target, neurons,
+                       tuple(config.random_tokens))  # fmt: skip
+    methods: dict[str, Mitigation] = {"none": Mitigation()}
+    for name in study_methods():
+        if name in config.methods:
+            methods.update(mitigation_class(name).study_variants(setup))
     return methods
 
 
@@ -307,11 +299,11 @@ def print_table(table: pd.DataFrame, columns: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m scripts.mitigation_stage --study OUT/study_config.json --part PART`."""
+    """`python -m scripts.study.mitigation --study OUT/study_config.json --part PART`."""
     from hf_datasets.cliutils import setup_logging
-    from scripts.study import StudyConfig
+    from scripts.study.config import StudyConfig
 
-    p = argparse.ArgumentParser(prog="python -m scripts.mitigation_stage", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m scripts.study.mitigation", description=__doc__)
     p.add_argument("--study", required=True, help="the study's study_config.json")
     p.add_argument("--part", choices=("methods", "models"), required=True)
     args = p.parse_args(argv)

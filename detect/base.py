@@ -1,0 +1,47 @@
+"""What every memorization detector is: per-prompt scores from one shared sampling pass.
+
+`chexmem detect` runs the guided DDIM trajectory of `detect.magnitude` once over each shard of
+prompts (its two UNet branches give Wen et al.'s magnitude for free) and hands that pass to
+every detector asked for (`--detector NAME ...`). A detector reads what it needs from the pass
+and may make UNet calls of its own; it returns score columns named ``score_*``, one row per
+prompt id, higher meaning "more likely memorized". `detect.registry` names them, so the CLI,
+the study and the report list the same detectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+
+
+@dataclass
+class SamplingPass:
+    """One guided DDIM pass over a shard of prompts, shared by every detector."""
+
+    pipe: Any  # a Stable Diffusion pipeline
+    prompts: list[str]
+    prompt_ids: list[int]
+    config: Any  # the pass's detect.magnitude.MagnitudeConfig
+    table: pd.DataFrame  # m_t per prompt, generation and step (detect.magnitude.TABLE_COLUMNS)
+    first_k: int = 1  # `--first_k`: the steps a step-averaged score reads
+
+
+class Detector:
+    """A memorization detector; subclasses set the class attributes and `score`."""
+
+    name: ClassVar[str]  # the registry's and the CLI's name
+    title: ClassVar[str]  # what the report calls it, with its source
+    summary: ClassVar[str]  # one line for `--help` and the report
+
+    def score(self, run: SamplingPass) -> pd.DataFrame:
+        """Score columns (``score_*``) indexed by prompt id, for the pass's prompts."""
+        raise NotImplementedError
+
+    def study_scores(self, run_dir: Path, columns: list[str]) -> pd.DataFrame:
+        """The scores a study validates, indexed by prompt id, from a `chexmem detect`
+        output folder; `columns` are those this detector wrote to its scores.csv."""
+        scores = pd.read_csv(run_dir / "scores.csv").set_index("prompt_id")
+        return scores[columns]

@@ -1,0 +1,30 @@
+"""Memorization detectors by name: the one list `chexmem detect`, the study and the report read.
+
+Adding a detector is one file (a `detect.base.Detector` subclass) and one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from detect.base import Detector
+from hf_datasets.errors import ChexmemError
+
+# name -> "module:Class"; imported on first use
+DETECTORS = {
+    "magnitude": "detect.magnitude:NoiseMagnitude",
+}
+
+
+def detector_class(name: str) -> type[Detector]:
+    """The class registered under `name`."""
+    if name not in DETECTORS:
+        raise ChexmemError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
+    module, cls = DETECTORS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_detectors(names: list[str]) -> list[Detector]:
+    """One detector per name, in order, each once."""
+    return [detector_class(name)() for name in dict.fromkeys(names)]
+
