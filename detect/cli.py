@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hf_datasets.cliutils import add_config_flag, run_command, setup_logging
 from detect.registry import DETECTORS
+from hf_datasets.cliutils import add_config_flag, run_command, setup_logging
 from hf_datasets.errors import ChexmemError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -122,8 +122,8 @@ def cmd_detect(args: argparse.Namespace) -> None:
     from accelerate import PartialState
     from accelerate.utils import gather_object, parse_flag_from_env
 
-    from detect.evaluate import detection
     from detect.base import SamplingPass
+    from detect.evaluate import detection
     from detect.magnitude import MagnitudeConfig, decode_latents, noise_magnitudes
     from detect.models import load_pipeline
     from detect.prompt_sets import load_prompt_set

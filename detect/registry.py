@@ -27,4 +27,3 @@ def detector_class(name: str) -> type[Detector]:
 def make_detectors(names: list[str]) -> list[Detector]:
     """One detector per name, in order, each once."""
     return [detector_class(name)() for name in dict.fromkeys(names)]
-

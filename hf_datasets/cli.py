@@ -27,8 +27,19 @@ logger = logging.getLogger(__name__)
 def _prompt_flags(parser: argparse.ArgumentParser) -> None:
     """Flags choosing how prompts are written."""
     group = parser.add_argument_group("prompts")
-    group.add_argument("--prompt_style", choices=("report", "labels"), default="report")
-    group.add_argument("--prompt_seed", type=int, default=0, help="seed of template choices")
+    group.add_argument(
+        "--prompt_style",
+        choices=("report", "labels"),
+        default="report",
+        help="report: radiology-report sentences (view, age, sex, findings); labels: "
+        '"chest x-ray, finding, ..." (default: %(default)s)',
+    )
+    group.add_argument(
+        "--prompt_seed",
+        type=int,
+        default=0,
+        help="seed of the template choices (same seed: same prompt per row) (default: %(default)s)",
+    )
     group.add_argument("--prompt_config", help="YAML of prompt options and templates (see README)")
 
 
@@ -44,10 +55,16 @@ def _source_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every file-based source shares."""
     parser.add_argument("--root", required=True, help="the dataset folder")
     parser.add_argument(
-        "--uncertainty", choices=[p.value for p in UncertaintyPolicy], default="keep"
+        "--uncertainty",
+        choices=[p.value for p in UncertaintyPolicy],
+        default="keep",
+        help="uncertain (-1) labels: keep (prompts say 'possible ...'), ones (U-Ones: positive), "
+        "zeros (U-Zeros: negative), ignore (U-Ignore: missing) (default: %(default)s)",
     )
     parser.add_argument(
-        "--resolution", type=int, help="resize the shorter side (default: keep files as they are)"
+        "--resolution",
+        type=int,
+        help="resize the shorter side to this many pixels (default: keep files as they are)",
     )
     parser.add_argument("--max_rows", type=int, help="keep only the first N rows (after filters)")
     parser.add_argument(
@@ -58,7 +75,12 @@ def _source_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="stop at the first unreadable image instead of skipping it",
     )
-    parser.add_argument("--num_workers", type=int, default=1, help="processes for checking images")
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=1,
+        help="processes that check and decode images (default: %(default)s)",
+    )
 
 
 def _output_flags(parser: argparse.ArgumentParser, split_fractions: bool = True) -> None:
@@ -70,8 +92,15 @@ def _output_flags(parser: argparse.ArgumentParser, split_fractions: bool = True)
             nargs=3,
             default=[0.8, 0.1, 0.1],
             metavar=("TRAIN", "VAL", "TEST"),
+            help="shares of patients in the train / validation / test splits; a patient's images "
+            "all go to one split (default: %(default)s)",
         )
-        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument(
+            "--seed",
+            type=int,
+            default=0,
+            help="seed of the patient split (phantom: of the images too) (default: %(default)s)",
+        )
     parser.add_argument("--out", required=True, help="output folder (save_to_disk)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument(
@@ -210,14 +239,18 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("folder", help="any image folder with metadata.csv")
     _source_flags(p)
     p.add_argument(
-        "--metadata", default="metadata.csv", help="CSV with file_name (relative to --root)"
+        "--metadata",
+        default="metadata.csv",
+        help="CSV with a file_name column, path relative to --root (default: %(default)s)",
     )
     p.add_argument(
         "--image_dir", help="folder the file names are relative to (default: --root or its images/)"
     )
     p.add_argument("--prompt_column", help="use this column verbatim as the prompt")
     p.add_argument(
-        "--findings_column", default="findings", help="free text appended to label prompts"
+        "--findings_column",
+        default="findings",
+        help="column of free text appended to label prompts (default: %(default)s)",
     )
     p.add_argument(
         "--patient_column", help="column identifying the patient (default: patient_id, ...)"
@@ -227,31 +260,66 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_folder, _parser=p)
 
     p = sub.add_parser("phantom", help="synthetic chest radiographs (the embedded default)")
-    p.add_argument("--num_patients", type=int, default=200)
-    p.add_argument("--max_studies_per_patient", type=int, default=3)
-    p.add_argument("--resolution", type=int, default=128)
-    p.add_argument("--num_workers", type=int, default=1)
+    p.add_argument(
+        "--num_patients", type=int, default=200, help="synthetic patients (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max_studies_per_patient",
+        type=int,
+        default=3,
+        help="cap on studies (visits) per patient, drawn as in CheXpert (default: %(default)s)",
+    )
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=128,
+        help="image side in pixels, square, 32 to 1024 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num_workers",
+        type=int,
+        default=1,
+        help="processes generating patients (default: %(default)s)",
+    )
     _prompt_flags(p)
     _output_flags(p)
     p.set_defaults(func=cmd_phantom, _parser=p)
 
     p = sub.add_parser("duplicate", help="repeat training rows to study memorization")
     p.add_argument("--dataset", required=True, help="a saved dataset folder")
-    p.add_argument("--num_rows", type=int, default=10, help="how many training rows to repeat")
-    p.add_argument("--copies", type=int, default=10, help="appearances of each chosen row in total")
+    p.add_argument(
+        "--num_rows",
+        type=int,
+        default=10,
+        help="how many training rows to repeat (default: %(default)s)",
+    )
+    p.add_argument(
+        "--copies",
+        type=int,
+        default=10,
+        help="appearances of each chosen row in total, original included (default: %(default)s)",
+    )
     p.add_argument("--counts", help="JSON file {row_index: copies} instead of --num_rows/--copies")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the choice of rows (default: %(default)s)"
+    )
     _output_flags(p, split_fractions=False)
     p.set_defaults(func=cmd_duplicate, _parser=p)
 
     p = sub.add_parser("show", help="PNG grid of images with their prompts")
     p.add_argument("--dataset", required=True, help="a saved dataset folder")
-    p.add_argument("--split", default="train")
-    p.add_argument("--num", type=int, default=16)
-    p.add_argument("--start", type=int, default=0)
-    p.add_argument("--columns", type=int, default=4)
-    p.add_argument("--tile", type=int, default=192, help="tile size in px")
+    p.add_argument("--split", default="train", help="split to show (default: %(default)s)")
+    p.add_argument("--num", type=int, default=16, help="images in the grid (default: %(default)s)")
+    p.add_argument(
+        "--start", type=int, default=0, help="index of the first row shown (default: %(default)s)"
+    )
+    p.add_argument(
+        "--columns", type=int, default=4, help="images per grid row (default: %(default)s)"
+    )
+    p.add_argument(
+        "--tile", type=int, default=192, help="tile side in pixels (default: %(default)s)"
+    )
     p.add_argument("--duplicated_only", action="store_true", help="only rows with injected copies")
-    p.add_argument("--out", default="grid.png")
+    p.add_argument("--out", default="grid.png", help="output PNG file (default: %(default)s)")
     add_config_flag(p)
     p.set_defaults(func=cmd_show, _parser=p)

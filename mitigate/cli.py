@@ -225,16 +225,37 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def add_calibration_flags(p: argparse.ArgumentParser) -> None:
     """Flags of the held-out prompts that calibrate the embedding target."""
-    p.add_argument("--calibration_prompts", help="held-out (non-memorized) prompt file")
+    p.add_argument(
+        "--calibration_prompts",
+        help="held-out (non-memorized) prompt file that calibrates the embedding target",
+    )
     p.add_argument("--calibration_dataset", help="...or a dataset with a held-out split")
-    p.add_argument("--calibration_split", default="test")
-    p.add_argument("--num_calibration", type=int, default=64)
-    p.add_argument("--target_quantile", type=float, default=0.95)
+    p.add_argument(
+        "--calibration_split",
+        default="test",
+        help="split of --calibration_dataset (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num_calibration",
+        type=int,
+        default=64,
+        help="held-out prompts the target is calibrated on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--target_quantile",
+        type=float,
+        default=0.95,
+        help="embedding target: this quantile of the held-out prompts' step-1 scores, in (0, 1] "
+        "(default: %(default)s)",
+    )
     p.add_argument("--neurons", help="neurons.json of `chexmem neurons` (for method neurons)")
 
 
 def add_mitigate_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register `chexmem mitigate ...`."""
+    from mitigate.registry import MITIGATIONS
+
+    names = ", ".join(MITIGATIONS)
     top = subparsers.add_parser("mitigate", help="reduce memorization at inference time")
     commands = top.add_subparsers(dest="mitigate_command", required=True)
 
@@ -242,19 +263,37 @@ def add_mitigate_commands(subparsers: argparse._SubParsersAction) -> None:
     add_model_flags(p)
     add_prompt_flags(p)
     add_trajectory_flags(p, generations=4)
-    p.add_argument("--method", required=True, help="NAME[:key=value,...], e.g. random_tokens")
+    p.add_argument(
+        "--method",
+        required=True,
+        help=f"NAME[:key=value,...], e.g. random_tokens; names: {names}",
+    )
     add_calibration_flags(p)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--output_dir", default="chexmem-mitigate")
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=32,
+        help="generations per UNet call (default: %(default)s)",
+    )
+    p.add_argument(
+        "--output_dir",
+        default="chexmem-mitigate",
+        help="folder for images/, magnitudes, prompts.csv, summary.json (default: %(default)s)",
+    )
     add_config_flag(p)
     p.set_defaults(func=cmd_generate, _parser=p)
 
     p = commands.add_parser("prune", help="save a model with memorization neurons zeroed")
     add_model_flags(p)
     p.add_argument("--neurons", required=True, help="neurons.json of `chexmem neurons`")
-    p.add_argument("--min_frequency", type=int, default=1, help="keep neurons of >= N prompts")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--min_frequency",
+        type=int,
+        default=1,
+        help="zero only neurons found for at least N prompts (default: %(default)s)",
+    )
+    p.add_argument("--output_dir", required=True, help="folder of the edited model")
+    p.add_argument("--overwrite", action="store_true", help="replace --output_dir if it exists")
     add_config_flag(p)
     p.set_defaults(func=cmd_prune, _parser=p)
 
@@ -262,20 +301,58 @@ def add_mitigate_commands(subparsers: argparse._SubParsersAction) -> None:
     add_model_flags(p)
     p.add_argument("--prompts", required=True, help="CSV: prompt, group, own_index (optional)")
     p.add_argument("--dataset", required=True, help="the saved training dataset")
-    p.add_argument("--split", default="train")
-    p.add_argument("--heldout_split", default="test", help="real images for the copy threshold")
-    p.add_argument("--methods", nargs="+", default=["none", "random_tokens", "attention_scaling"])
+    p.add_argument(
+        "--split",
+        default="train",
+        help="training split: the images copies are searched among (default: %(default)s)",
+    )
+    p.add_argument(
+        "--heldout_split",
+        default="test",
+        help="split of real images that calibrates the copy threshold (default: %(default)s)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["none", "random_tokens", "attention_scaling"],
+        help=f"methods to compare, each [LABEL=]NAME[:key=value,...]; names: {names} "
+        "(default: none random_tokens attention_scaling)",
+    )
     add_trajectory_flags(p, generations=4)
     add_calibration_flags(p)
-    p.add_argument("--size", type=int, default=64, help="NCC comparison size")
-    p.add_argument("--percentile", type=float, default=95.0)
-    p.add_argument("--copy_threshold", type=float, help="(default: calibrated)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=64,
+        help="images are resized to this side in pixels for pixel NCC (default: %(default)s)",
+    )
+    p.add_argument(
+        "--percentile",
+        type=float,
+        default=95.0,
+        help="copy threshold: this percentile of held-out images' nearest-training NCC "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--copy_threshold",
+        type=float,
+        help="NCC at or above which a generation is a copy (default: from --percentile)",
+    )
     p.add_argument(
         "--classifier",
         help="a findings classifier folder (detect.classifier): adds FID / KID with its "
         "features against the training images, and conditioning fidelity",
     )
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--output_dir", default="chexmem-mitigate")
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=32,
+        help="generations per UNet call (default: %(default)s)",
+    )
+    p.add_argument(
+        "--output_dir",
+        default="chexmem-mitigate",
+        help="folder for the mitigation table and mitigation.json (default: %(default)s)",
+    )
     add_config_flag(p)
     p.set_defaults(func=cmd_evaluate, _parser=p)

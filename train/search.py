@@ -35,7 +35,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,32 +65,92 @@ SEARCH_FAMILIES = ("attention", "cross_attention", "lora", "bias_norm", "difffit
 class SearchConfig:
     """One MemControl study: data, base model, search space, budget and objectives."""
 
-    pretrained_model_name_or_path: str
-    train_data_dir: str  # a saved dataset with duplicates injected (`copies` > 1)
-    output_dir: str = "chexmem-search"
-    families: list[str] = field(default_factory=lambda: list(SEARCH_FAMILIES))
-    lora_ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # family "lora"
-    lr_min: float = 1e-5
-    lr_max: float = 1e-3
-    n_trials: int = 12
-    sampler: str = "nsga2"
+    # the "help" of each field is its flag's help in `chexmem search --help`
+    pretrained_model_name_or_path: str = field(
+        metadata={"help": "base model: a diffusers pipeline folder or a Hub id (required)"}
+    )
+    train_data_dir: str = field(
+        metadata={
+            "help": "a saved dataset with duplicates injected (`chexmem data duplicate`: "
+            "copies > 1); its train split trains, --quality_split scores (required)"
+        }
+    )
+    output_dir: str = field(
+        default="chexmem-search",
+        metadata={"help": "folder of the study, its trials, the front and the classifier"},
+    )
+    families: list[str] = field(
+        default_factory=lambda: list(SEARCH_FAMILIES),
+        metadata={
+            "help": "what a trial trains inside the chosen transformer blocks: attention "
+            "(attn1+attn2), cross_attention (attn2), lora (adapters, rank from --lora_ranks), "
+            "bias_norm (biases and norms), difffit (DiffFit: those plus learned scales), "
+            "attention_kv (attn2 to_k/to_v), all"
+        },
+    )
+    lora_ranks: list[int] = field(
+        default_factory=lambda: [1, 2, 4, 8],
+        metadata={"help": "LoRA ranks the search picks from (family lora)"},
+    )
+    lr_min: float = field(
+        default=1e-5, metadata={"help": "lowest learning rate (sampled log-uniformly)"}
+    )
+    lr_max: float = field(default=1e-3, metadata={"help": "highest learning rate"})
+    n_trials: int = field(
+        default=12, metadata={"help": "trials the study holds when done (a rerun adds the rest)"}
+    )
+    sampler: str = field(
+        default="nsga2",
+        metadata={"help": "nsga2 (Optuna's NSGA-II, multi-objective) or random (the baseline)"},
+    )
     # NSGA-II's generation size: its first generation is random sampling, so with Optuna's
     # default of 50 a 12-trial study would never evolve (4: three generations in 12 trials)
-    population_size: int = 4
-    storage: str | None = None  # default: sqlite:///OUTPUT_DIR/study.db
-    study_name: str = "memcontrol"
-    seed: int = 0
+    population_size: int = field(
+        default=4, metadata={"help": "NSGA-II generation size; the first one is random, >= 2"}
+    )
+    storage: str | None = field(
+        default=None,
+        metadata={
+            "help": "Optuna storage URL, e.g. postgresql://... shared by workers "
+            "(default: sqlite:///OUTPUT_DIR/study.db)"
+        },
+    )
+    study_name: str = field(
+        default="memcontrol", metadata={"help": "study name in the storage (same name: resume)"}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "seed of the sampler (+ worker index), training and scores"}
+    )
     # inner loop
-    max_train_steps: int = 200
-    train_batch_size: int = 8
-    conditioning_dropout_prob: float = 0.1
-    # objectives, all minimised: names in OBJECTIVES or "package.module:function"
-    objectives: list[str] = field(default_factory=lambda: ["memorization", "fid"])
-    memorization_batches: int = 4  # batches of duplicated rows, each at random timesteps
-    quality_split: str = "test"
-    quality_generations: int = 64
-    num_inference_steps: int = 25
-    guidance_scale: float = 7.5
+    max_train_steps: int = field(
+        default=200, metadata={"help": "optimizer steps of each trial's fine-tune"}
+    )
+    train_batch_size: int = field(
+        default=8, metadata={"help": "batch size of each trial's fine-tune and its scoring"}
+    )
+    conditioning_dropout_prob: float = field(
+        default=0.1, metadata={"help": "share of empty prompts in the trials' fine-tunes (CFG)"}
+    )
+    objectives: list[str] = field(
+        default_factory=lambda: ["memorization", "fid"],
+        metadata={"help": "objectives, all minimised"},  # add_search_command lists the names
+    )
+    memorization_batches: int = field(
+        default=4,
+        metadata={"help": "batches of duplicated rows, each at random timesteps, per score"},
+    )
+    quality_split: str = field(
+        default="test", metadata={"help": "held-out split whose prompts and images give FID/KID"}
+    )
+    quality_generations: int = field(
+        default=64, metadata={"help": "images generated per trial for FID/KID"}
+    )
+    num_inference_steps: int = field(
+        default=25, metadata={"help": "denoising steps of those generations"}
+    )
+    guidance_scale: float = field(
+        default=7.5, metadata={"help": "classifier-free guidance scale of those generations"}
+    )
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -631,27 +691,31 @@ def cmd_search(args: Any) -> None:
 def add_search_command(subparsers: Any) -> None:
     """Register `chexmem search` (flags: the fields of SearchConfig)."""
     from hf_datasets.cliutils import add_config_flag
+    from train.config import field_help
 
     p = subparsers.add_parser("search", help="MemControl: search which parameters to fine-tune")
     for name, spec in SearchConfig.__dataclass_fields__.items():
         default = spec.default
+        if spec.default_factory is not MISSING:
+            default = spec.default_factory()
+        text = field_help(spec, default)
         if name in ("pretrained_model_name_or_path", "train_data_dir"):
-            p.add_argument(f"--{name}", required=True)
+            p.add_argument(f"--{name}", required=True, help=text)
         elif name == "families":
-            p.add_argument("--families", nargs="+", default=list(SEARCH_FAMILIES),
-                           choices=sorted(FAMILIES))  # fmt: skip
+            p.add_argument("--families", nargs="+", default=default, choices=sorted(FAMILIES),
+                           metavar="FAMILY", help=text)  # fmt: skip
         elif name == "lora_ranks":
-            p.add_argument("--lora_ranks", nargs="+", type=int, default=[1, 2, 4, 8])
+            p.add_argument("--lora_ranks", nargs="+", type=int, default=default, help=text)
         elif name == "objectives":
-            known = ", ".join(OBJECTIVES)
-            p.add_argument("--objectives", nargs="+", default=["memorization", "fid"],
-                           help=f"minimised: {known} or package.module:function")  # fmt: skip
+            text = (f"{spec.metadata['help']}: {', '.join(OBJECTIVES)} or package.module:function "
+                    f"(default: {' '.join(default)})")  # fmt: skip
+            p.add_argument("--objectives", nargs="+", default=default, help=text)
         elif name == "sampler":
-            p.add_argument("--sampler", choices=SAMPLERS, default="nsga2")
+            p.add_argument("--sampler", choices=SAMPLERS, default=default, help=text)
         elif name == "storage":
-            p.add_argument("--storage", help="Optuna storage URL (default: OUT/study.db)")
+            p.add_argument("--storage", help=text)
         else:
-            p.add_argument(f"--{name}", type=type(default), default=default)
+            p.add_argument(f"--{name}", type=type(default), default=default, help=text)
     add_config_flag(p)
     p.set_defaults(func=cmd_search, _parser=p)
 

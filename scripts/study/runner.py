@@ -233,5 +233,3 @@ def dry_run(config: StudyConfig, jobs: list[Job]) -> None:
     for path in [p for p in needed if p and not Path(p).exists()]:
         print(f"note: {path} does not exist here; the study needs it where it runs")
     print(f"{len(jobs)} jobs; all options check out")
-
-

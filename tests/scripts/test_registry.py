@@ -41,7 +41,8 @@ def project_with_toy_detector(root: Path) -> Path:
     registry = root / "detect" / "registry.py"
     text = registry.read_text()
     assert text.count(REGISTERED) == 1
-    registry.write_text(text.replace(REGISTERED, REGISTERED + '    "toy": "detect.toy:PromptLength",\n'))
+    line = '    "toy": "detect.toy:PromptLength",\n'
+    registry.write_text(text.replace(REGISTERED, REGISTERED + line))
     return root
 
 
