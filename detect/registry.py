@@ -5,10 +5,8 @@ Adding a detector is one file (a `detect.base.Detector` subclass) and one line h
 
 from __future__ import annotations
 
-import importlib
-
 from detect.base import Detector
-from hf_datasets.errors import ChexmemError
+from hf_datasets.registry import registered_class
 
 # name -> "module:Class"; imported on first use
 DETECTORS = {
@@ -18,10 +16,7 @@ DETECTORS = {
 
 def detector_class(name: str) -> type[Detector]:
     """The class registered under `name`."""
-    if name not in DETECTORS:
-        raise ChexmemError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
-    module, cls = DETECTORS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return registered_class(DETECTORS, name, "detector")
 
 
 def make_detectors(names: list[str]) -> list[Detector]:

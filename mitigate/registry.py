@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from hf_datasets.errors import ChexmemError
+from hf_datasets.registry import registered_class
 from mitigate.base import Mitigation
 
 # name -> "module:Class"; imported on first use
@@ -21,10 +21,7 @@ MITIGATIONS = {
 
 def mitigation_class(name: str) -> type[Mitigation]:
     """The class registered under `name`."""
-    if name not in MITIGATIONS:
-        raise ChexmemError(f"unknown mitigation {name!r}; choose one of {', '.join(MITIGATIONS)}")
-    module, cls = MITIGATIONS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return registered_class(MITIGATIONS, name, "mitigation")
 
 
 def make_mitigation(name: str, **settings: Any) -> Mitigation:
