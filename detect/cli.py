@@ -144,11 +144,11 @@ def cmd_detect(args: argparse.Namespace) -> None:
     )
     if args.save_images and config.max_steps is not None:
         raise ChexmemError("--save_images needs whole trajectories: drop --max_steps")
-    out = Path(args.output_dir)
+    pipe = load_pipeline(args.model, device=state.device, dtype=DTYPES[args.dtype])
+    out = Path(args.output_dir)  # made once the model loaded: a bad --model writes nothing
     if state.is_main_process:
         (out / "images" if args.save_images else out).mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
-    pipe = load_pipeline(args.model, device=state.device, dtype=DTYPES[args.dtype])
     start = time.perf_counter()
     rows = list(zip(prompts["prompt_id"], prompts["prompt"], strict=True))
     with state.split_between_processes(rows) as shard:
@@ -444,7 +444,7 @@ def add_detect_flags(p: argparse.ArgumentParser) -> None:
         default=["magnitude"],
         metavar="NAME",
         help=f"detectors to score with, one pass over the prompts ({', '.join(DETECTORS)}; "
-        "default: %(default)s)",
+        "default: magnitude)",
     )
     p.add_argument(
         "--batch_size",

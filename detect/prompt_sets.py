@@ -8,11 +8,29 @@ dataset gives each distinct prompt once, labelled memorized when its image was r
 
 from __future__ import annotations
 
+import io
+import logging
 from pathlib import Path
 
 import pandas as pd
+from pyarrow import ArrowException
 
 from hf_datasets.errors import ChexmemError
+
+logger = logging.getLogger(__name__)
+
+
+def read_text(path: Path) -> str:
+    """A text file as UTF-8 (a leading byte-order mark dropped); other encodings are an error."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ChexmemError(
+            f"prompt file {path} is not UTF-8: byte 0x{data[error.start]:02x} at offset "
+            f"{error.start} (line {line}); save it as UTF-8"
+        ) from None
 
 
 def read_prompt_file(path: str | Path) -> pd.DataFrame:
@@ -21,17 +39,24 @@ def read_prompt_file(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise ChexmemError(f"prompt file {path} does not exist")
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        lines = [line.strip() for line in path.read_text().splitlines()]
-        frame = pd.DataFrame({"prompt": [line for line in lines if line]})
-    elif suffix == ".csv":
-        frame = pd.read_csv(path)
-    elif suffix == ".jsonl":
-        frame = pd.read_json(path, lines=True)
-    elif suffix == ".parquet":
-        frame = pd.read_parquet(path)
-    else:
+    if suffix not in (".txt", ".csv", ".jsonl", ".parquet"):
         raise ChexmemError(f"prompt file {path} must be .txt, .csv, .jsonl or .parquet")
+    try:
+        if suffix == ".txt":
+            lines = [line.strip() for line in read_text(path).splitlines()]
+            frame = pd.DataFrame({"prompt": [line for line in lines if line]})
+            if len(frame) < len(lines):
+                logger.info("%s: skipped %d blank line(s)", path, len(lines) - len(frame))
+        elif suffix == ".csv":
+            frame = pd.read_csv(io.StringIO(read_text(path)))
+        elif suffix == ".jsonl":
+            frame = pd.read_json(io.StringIO(read_text(path)), lines=True)
+        else:
+            frame = pd.read_parquet(path)
+    except (ValueError, OSError, pd.errors.ParserError, ArrowException) as error:
+        # EmptyDataError and bad JSON are ValueErrors; a broken parquet file an ArrowException
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ChexmemError(f"cannot read prompt file {path}: {first}") from None
     if "prompt" not in frame.columns:
         raise ChexmemError(
             f"{path} has no 'prompt' column (it has: {', '.join(map(str, frame.columns))})"

@@ -165,6 +165,15 @@ def split_by_patient(
 Splitter = Callable[[list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]
 
 
+def no_rows_message(exclusions: Exclusions) -> str:
+    """Why no row is left: the reasons on one line, with an example path where there is one."""
+    if not exclusions.counts:
+        return "the source lists no rows, so there is nothing to build a dataset from"
+    reasons = "; ".join(exclusions.describe().splitlines())
+    examples = "; ".join(f"{k}: {v[0]}" for k, v in exclusions.examples.items() if v)
+    return f"no usable rows left ({reasons})" + (f"; e.g. {examples}" if examples else "")
+
+
 def assemble(
     rows: list[dict[str, Any]],
     options: SourceOptions,
@@ -186,8 +195,7 @@ def assemble(
         num_workers=options.num_workers,
     )
     if not rows:
-        examples = "; ".join(f"{k}: {v[0]}" for k, v in exclusions.examples.items() if v)
-        raise ChexmemError(f"no usable rows left ({exclusions.describe()}); e.g. {examples}")
+        raise ChexmemError(no_rows_message(exclusions))
     if splitter is None:
         rows_by_split = split_by_patient(rows, fractions, options.seed)
     else:

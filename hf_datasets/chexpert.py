@@ -1,9 +1,10 @@
 """CheXpert v1.0 / CheXpert-v1.0-small as a `DatasetDict` with patient-level splits.
 
 Point `root` at the folder that holds `train.csv` and/or `valid.csv` (e.g.
-`CheXpert-v1.0-small/`). Image paths in the CSV start with the dataset's folder name
+`CheXpert-v1.0-small/`), or at the folder above it that holds only that one. Image paths in
+the CSV start with the dataset's folder name
 (`CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg`); they are resolved
-against `root`, whatever the folder is called locally.
+against that folder, whatever it is called locally.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from hf_datasets.labels import (
     normalise_sex,
     parse_age,
 )
+from hf_datasets.locate import dataset_folder
 from hf_datasets.prompts import build_prompt
 
 logger = logging.getLogger(__name__)
@@ -133,6 +135,7 @@ def load_chexpert(config: CheXpertConfig) -> DatasetDict:
     root = Path(config.root).expanduser()
     if not root.is_dir():
         raise ChexmemError(f"CheXpert root {root} does not exist or is not a folder")
+    root = dataset_folder(root, CSV_FILES, "CheXpert")  # the folder the download unpacks to
     csvs = {name: root / name for name in CSV_FILES if (root / name).is_file()}
     if not csvs:
         raise ChexmemError(

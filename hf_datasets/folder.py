@@ -1,7 +1,8 @@
 """Any chest X-ray collection laid out as an image folder plus `metadata.csv`.
 
 `metadata.csv` needs a `file_name` column (paths relative to the folder, or
-to `image_dir` inside it; an `images/` subfolder is found by itself). Optional columns:
+to `image_dir` inside it; an `images/` subfolder is found by itself). When `root` itself has
+no `metadata.csv`, its one subfolder that has one is used. Optional columns:
 CheXpert observation names (any case, spaces or underscores) with 1 / 0 / -1 / blank values,
 `prompt` or `text` (used verbatim), `report` (used verbatim unless `prompt_column` says
 otherwise), `findings` (free text appended to a label-built prompt; parenthesised notes are
@@ -23,6 +24,7 @@ from hf_datasets.build import Exclusions, SourceOptions, assemble
 from hf_datasets.errors import ChexmemError
 from hf_datasets.features import make_row
 from hf_datasets.labels import OBSERVATIONS, apply_policy, normalise_sex, parse_age, parse_label
+from hf_datasets.locate import dataset_folder
 from hf_datasets.prompts import build_prompt
 
 logger = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ def load_image_folder(config: FolderConfig) -> DatasetDict:
     root = Path(config.root).expanduser()
     if not root.is_dir():
         raise ChexmemError(f"image folder {root} does not exist or is not a folder")
+    root = dataset_folder(root, [config.metadata], "image")  # e.g. ROOT/images/metadata.csv
     meta_path = root / config.metadata
     if not meta_path.is_file():
         raise ChexmemError(
@@ -104,6 +107,12 @@ def load_image_folder(config: FolderConfig) -> DatasetDict:
         raise ChexmemError(f"cannot read {meta_path}: {error}") from None
     if "file_name" not in frame.columns:
         raise ChexmemError(f"{meta_path} lacks required column(s): file_name")
+    if frame.empty:
+        raise ChexmemError(
+            f"{config.metadata} in {root} has no rows; add one row per image with columns "
+            "file_name (relative to the folder) and optional labels, prompt, patient_id, "
+            "view, sex, age"
+        )
     policy = config.policy()
     prompt_column = _pick_column(frame, config.prompt_column, PROMPT_COLUMNS, "prompt")
     patient_column = _pick_column(frame, config.patient_column, PATIENT_COLUMNS, "patient")

@@ -31,6 +31,24 @@ def prevalence(dataset: DatasetDict, split: str = "train") -> dict[str, float]:
     return {name: sum(1 for v in part[name] if v == POSITIVE) / n for name in OBSERVATIONS}
 
 
+def labelled(dataset: DatasetDict, split: str = "train") -> list[str]:
+    """The observations that have a label (1, 0 or -1) in at least one row of the split."""
+    part = dataset[split]
+    return [name for name in OBSERVATIONS if any(v is not None for v in part[name])]
+
+
+def most_common(dataset: DatasetDict, split: str, top: int = 5) -> str:
+    """'most common in train: A 40%, ...', or what is missing when no label is positive."""
+    present = labelled(dataset, split)
+    if not present:
+        return f"no CheXpert labels in {split}"
+    shares = prevalence(dataset, split)
+    ranked = sorted(((k, shares[k]) for k in present if shares[k] > 0), key=lambda kv: -kv[1])
+    if not ranked:
+        return f"no positive CheXpert labels in {split} (labelled: {', '.join(present)})"
+    return f"most common in {split}: " + ", ".join(f"{k} {v:.0%}" for k, v in ranked[:top])
+
+
 def summarize(dataset: DatasetDict) -> str:
     """Human-readable lines: one per split, the most common findings, what was left out."""
     lines = []
@@ -45,8 +63,7 @@ def summarize(dataset: DatasetDict) -> str:
         )
     first = "train" if "train" in dataset else next(iter(dataset), None)
     if first is not None and len(dataset[first]):
-        top = sorted(prevalence(dataset, first).items(), key=lambda kv: -kv[1])[:5]
-        lines.append(f"most common in {first}: " + ", ".join(f"{k} {v:.0%}" for k, v in top))
+        lines.append(most_common(dataset, first))
         description = dataset[first].info.description or ""
         lines += [
             line for line in description.splitlines() if "left out" in line or "Duplicates" in line

@@ -166,11 +166,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     """Every method against no mitigation on the same prompts, seeds and copy threshold."""
     from detect.cli import DTYPES
     from detect.models import load_pipeline
+    from detect.prompt_sets import read_prompt_file
     from detect.similarity import NCCEmbedder, TrainingBank, calibrate_threshold
     from hf_datasets.storage import load_dataset_dir
     from mitigate.evaluate import EvaluationSetup, evaluate_methods
 
-    frame = pd.read_csv(args.prompts)
+    frame = read_prompt_file(args.prompts)  # checked before anything heavy is loaded
     if "group" not in frame:
         frame["group"] = "all"
     dataset = load_dataset_dir(args.dataset)

@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_chexmem(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m scripts.cli ARGS` as a user runs it (offline, one thread), in `cwd`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "scripts.cli", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd or REPO_ROOT, timeout=600)  # fmt: skip
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit code 2, no traceback, and one `chexmem: error:` line holding every needle."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("chexmem: error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert result.stderr.rstrip().endswith(errors[0]), result.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
 
 
 def load_plain(folder: Path) -> StableDiffusionPipeline:

@@ -63,10 +63,25 @@ def add_model_command(subparsers: argparse._SubParsersAction) -> None:
         "tiny", help="build the tiny offline Stable Diffusion model (the embedded default)"
     )
     p.add_argument("--out", required=True, help="output pipeline folder")
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae_train_steps", type=int, help="(default: TinyModelConfig's)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=64,
+        help="image side in pixels the model generates (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the weights and VAE training (default: %(default)s)",
+    )
+    p.add_argument(
+        "--vae_train_steps",
+        type=int,
+        help="optimizer steps that train the tiny VAE on phantom crops (default: 300, "
+        "TinyModelConfig's)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_config_flag(p)
     p.set_defaults(func=cmd_model_tiny, _parser=p)
 

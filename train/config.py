@@ -37,97 +37,299 @@ class TrainConfig:
     """Every option of `chexmem train` / `accelerate launch -m train`."""
 
     # model
-    pretrained_model_name_or_path: str | None = None
-    revision: str | None = None
-    variant: str | None = None
+    pretrained_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "base model: a diffusers pipeline folder (e.g. from `chexmem model tiny`) "
+            "or a Hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 (required)"
+        },
+    )
+    revision: str | None = field(
+        default=None,
+        metadata={"help": "Hub revision (branch, tag or commit) of the base model (default: main)"},
+    )
+    variant: str | None = field(
+        default=None,
+        metadata={"help": "weight file variant of the base model, e.g. fp16 (default: none)"},
+    )
     # data
-    train_data_dir: str | None = None
-    dataset_name: str | None = None
-    dataset_split: str = "train"
-    image_column: str = "image"
-    caption_column: str = "prompt"
-    max_train_samples: int | None = None
-    resolution: int | None = None
-    center_crop: bool = False
-    random_flip: bool = False
-    cache_latents: bool = False  # encode each image once before training (centre crop, no flip)
+    train_data_dir: str | None = field(
+        default=None,
+        metadata={"help": "a dataset folder saved by `chexmem data ...` (or --dataset_name)"},
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "a Hub dataset id, loaded with datasets.load_dataset (or --train_data_dir)"
+        },
+    )
+    dataset_split: str = field(default="train", metadata={"help": "split to train on"})
+    image_column: str = field(default="image", metadata={"help": "column holding the images"})
+    caption_column: str = field(
+        default="prompt", metadata={"help": "column holding the prompts (str or list of str)"}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "train on the first N rows only (default: all)"}
+    )
+    resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": "training image side in pixels; images are resized (shorter side) and cropped "
+            "to a square (default: the base model's native size)"
+        },
+    )
+    center_crop: bool = field(
+        default=False, metadata={"help": "crop the centre of each image (no: a random crop)"}
+    )
+    random_flip: bool = field(
+        default=False,
+        metadata={
+            "help": "flip images left-right with probability 0.5 (puts the heart on the right)"
+        },
+    )
+    cache_latents: bool = field(
+        default=False,
+        metadata={
+            "help": "encode each image with the VAE once before training (centre crop, no flip)"
+        },
+    )
     # what is trained
-    mode: str = "full"
-    train_text_encoder: bool = False
-    rank: int = 4
-    lora_alpha: int | None = None
-    lora_dropout: float = 0.0
+    mode: str = field(
+        default="full",
+        metadata={
+            "help": "full: every UNet weight; lora: LoRA adapters (--rank); subset: the UNet "
+            "parameters --trainable_params / --trainable_mask / --trainable_preset select"
+        },
+    )
+    train_text_encoder: bool = field(
+        default=False,
+        metadata={"help": "also train the CLIP text encoder (in --mode lora: adapters on it)"},
+    )
+    rank: int = field(default=4, metadata={"help": "LoRA rank r of --mode lora"})
+    lora_alpha: int | None = field(
+        default=None, metadata={"help": "LoRA scaling alpha (default: --rank, i.e. scale 1)"}
+    )
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "dropout probability inside the LoRA adapters"}
+    )
     lora_target_modules: list[str] = field(
-        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"]
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
+        metadata={"help": "UNet module names that get LoRA adapters"},
     )
     text_encoder_lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
+        metadata={"help": "text encoder module names that get LoRA adapters"},
     )
-    trainable_params: list[str] = field(default_factory=list)
-    trainable_mask: str | None = None
-    # a named capacity preset (train.subset.PRESETS): a parameter subset, or LoRA of a rank
-    trainable_preset: str | None = None
-    # a configuration saved by `chexmem search` (front/trial_N.json): its family, block mask,
-    # learning rate, rank and base model; pair it with another --train_data_dir to transfer it
-    from_search: str | None = None
-    # classifier-free guidance: share of training prompts replaced by the empty prompt
-    conditioning_dropout_prob: float = 0.1
-    # training-time mitigation (mitigate.training): drop samples whose text-conditional noise
-    # magnitude is >= a threshold, or the top fraction of each micro-batch (Wen et al.)
-    memorization_filter_threshold: float | None = None
-    memorization_filter_top_fraction: float | None = None
-    # rank m_t against its running mean at the same timestep (m_t varies ~4x with t)
-    memorization_filter_per_timestep: bool = False
-    # caption randomisation (Somepalli et al.): random_caption or random_word_addition
-    caption_augmentation: str | None = None
-    caption_augmentation_prob: float = 0.1
-    caption_augmentation_words: int = 1
+    trainable_params: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "--mode subset: regular expressions; UNet parameters whose names match "
+            "any (re.search) are trained"
+        },
+    )
+    trainable_mask: str | None = field(
+        default=None,
+        metadata={
+            "help": "a block-mask .json (from `chexmem search`; family lora means --mode lora) "
+            "or an element-mask .safetensors of 0/1 tensors (--mode subset)"
+        },
+    )
+    # the names of train.subset.PRESETS, written out so that parsing flags does not import
+    # torch (tests/scripts/test_help.py checks that the help lists every preset)
+    trainable_preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "a named capacity preset (sets --mode): attention (attn1 and attn2 "
+            "weights), cross_attention (attn2 only), bias_norm (biases and norm layers), "
+            "lora_r4 (LoRA of rank 4), down / mid / up (every parameter of that UNet path's "
+            "transformer blocks)"
+        },
+    )
+    from_search: str | None = field(
+        default=None,
+        metadata={
+            "help": "a `chexmem search` result (front/trial_N.json): trains its family, block "
+            "mask, learning rate, rank and base model; another --train_data_dir transfers it"
+        },
+    )
+    conditioning_dropout_prob: float = field(
+        default=0.1,
+        metadata={
+            "help": "share of training prompts replaced by the empty prompt, so the model "
+            "learns classifier-free guidance; 0: no CFG, in [0, 1)"
+        },
+    )
+    # training-time mitigation (mitigate.training)
+    memorization_filter_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "mitigation (Wen et al.): drop samples whose text-conditional noise "
+            "magnitude ||eps(x_t, p) - eps(x_t, empty)|| is >= this (calibrate it per model) "
+            "(default: no filter)"
+        },
+    )
+    memorization_filter_top_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "mitigation: drop this fraction of each micro-batch with the highest noise "
+            "magnitude, in (0, 1) (default: no filter)"
+        },
+    )
+    memorization_filter_per_timestep: bool = field(
+        default=False,
+        metadata={
+            "help": "rank the magnitude m_t against its running mean at the same timestep "
+            "(m_t varies ~4x with t); the threshold then applies to that ratio"
+        },
+    )
+    caption_augmentation: str | None = field(
+        default=None,
+        metadata={
+            "help": "mitigation (Somepalli et al.): random_caption (replace the caption by as "
+            "many random words) or random_word_addition (insert random words) (default: none)"
+        },
+    )
+    caption_augmentation_prob: float = field(
+        default=0.1, metadata={"help": "probability that a caption is augmented, in [0, 1]"}
+    )
+    caption_augmentation_words: int = field(
+        default=1, metadata={"help": "words inserted per augmented caption (random_word_addition)"}
+    )
     # optimisation
-    train_batch_size: int = 16
-    num_train_epochs: int = 100
-    max_train_steps: int | None = None
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    learning_rate: float = 1e-4
-    scale_lr: bool = False
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    use_8bit_adam: bool = False
-    allow_tf32: bool = False
-    mixed_precision: str | None = None
-    enable_xformers_memory_efficient_attention: bool = False
-    dataloader_num_workers: int = 0
-    seed: int = 0
+    train_batch_size: int = field(default=16, metadata={"help": "images per batch per process"})
+    num_train_epochs: int = field(
+        default=100, metadata={"help": "passes over the training data (unless --max_train_steps)"}
+    )
+    max_train_steps: int | None = field(
+        default=None,
+        metadata={"help": "optimizer steps in total; overrides --num_train_epochs (default: none)"},
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "batches accumulated into each optimizer step"}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute UNet activations in backward: less memory"}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    scale_lr: bool = field(
+        default=False,
+        metadata={
+            "help": "multiply --learning_rate by batch size x accumulation steps x processes"
+        },
+    )
+    lr_scheduler: str = field(
+        default="constant",
+        metadata={"help": f"learning-rate schedule (diffusers): {', '.join(LR_SCHEDULERS)}"},
+    )
+    lr_warmup_steps: int = field(
+        default=0, metadata={"help": "optimizer steps of linear learning-rate warm-up"}
+    )
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "clip the gradient L2 norm to this; 0: no clipping"}
+    )
+    use_8bit_adam: bool = field(
+        default=False, metadata={"help": "bitsandbytes' 8-bit AdamW (pip install 'chexmem[gpu]')"}
+    )
+    allow_tf32: bool = field(
+        default=False, metadata={"help": "TF32 matrix multiplies on Ampere+ GPUs (faster)"}
+    )
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={"help": "no, fp16 or bf16 (default: accelerate's configuration, else no)"},
+    )
+    enable_xformers_memory_efficient_attention: bool = field(
+        default=False, metadata={"help": "xformers attention (GPU; pip install 'chexmem[gpu]')"}
+    )
+    dataloader_num_workers: int = field(
+        default=0, metadata={"help": "data-loading worker processes; 0: the main process"}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "seed of initialisation, noise, timesteps and data order"}
+    )
     # loss and noise
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    input_perturbation: float = 0.0
-    prediction_type: str | None = None
-    use_ema: bool = False
-    ema_decay: float = 0.9999
+    snr_gamma: float | None = field(
+        default=None,
+        metadata={"help": "Min-SNR loss weighting gamma, e.g. 5 (default: unweighted MSE)"},
+    )
+    noise_offset: float = field(
+        default=0.0, metadata={"help": "offset-noise scale (a per-channel constant); 0: off"}
+    )
+    input_perturbation: float = field(
+        default=0.0, metadata={"help": "input-perturbation noise scale, e.g. 0.1; 0: off"}
+    )
+    prediction_type: str | None = field(
+        default=None,
+        metadata={"help": "epsilon or v_prediction (default: the base model scheduler's)"},
+    )
+    use_ema: bool = field(
+        default=False, metadata={"help": "keep an exponential moving average of the weights"}
+    )
+    ema_decay: float = field(default=0.9999, metadata={"help": "decay of --use_ema per step"})
     # validation
-    validation_prompts: list[str] = field(default_factory=list)
-    validation_steps: int | None = None
-    num_validation_images: int = 2
-    validation_inference_steps: int = 20
-    validation_guidance_scale: float | None = None
+    validation_prompts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "prompts sampled during and after training (default: none)"},
+    )
+    validation_steps: int | None = field(
+        default=None,
+        metadata={"help": "sample them every N optimizer steps (default: at the end only)"},
+    )
+    num_validation_images: int = field(default=2, metadata={"help": "images per validation prompt"})
+    validation_inference_steps: int = field(
+        default=20, metadata={"help": "denoising steps of each validation image"}
+    )
+    validation_guidance_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "CFG scale of validation images (default: 7.5 when "
+            "--conditioning_dropout_prob > 0, else 1.0)"
+        },
+    )
     # output, checkpoints, tracking, Hub
-    output_dir: str = "chexmem-model"
-    overwrite_output_dir: bool = False
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    logging_steps: int = 10
-    report_to: str = "auto"
-    log_sample_ids: bool = False
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_private: bool = True
+    output_dir: str = field(
+        default="chexmem-model", metadata={"help": "output folder of the fine-tuned model"}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "start again in an --output_dir that holds a run"}
+    )
+    checkpointing_steps: int = field(
+        default=500,
+        metadata={"help": "save a resumable checkpoint every N optimizer steps; 0: never"},
+    )
+    checkpoints_total_limit: int | None = field(
+        default=None, metadata={"help": "keep only the newest N checkpoints (default: all)"}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "latest, or a checkpoint folder, to continue a run (default: none)"},
+    )
+    logging_steps: int = field(
+        default=10, metadata={"help": "log loss and learning rate every N optimizer steps"}
+    )
+    report_to: str = field(
+        default="auto",
+        metadata={
+            "help": "trackers besides logs/metrics.jsonl: auto (TensorBoard if installed), "
+            "tensorboard, wandb, all"
+        },
+    )
+    log_sample_ids: bool = field(
+        default=False,
+        metadata={"help": "log every batch's sample ids to logs/samples_rankN.jsonl"},
+    )
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "upload the result to --hub_model_id (needs HF_TOKEN)"}
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Hub repo id, e.g. you/chexpert-sd15-lora"}
+    )
+    hub_private: bool = field(
+        default=True, metadata={"help": "make the Hub repo private (--no-hub_private: public)"}
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -167,6 +369,13 @@ class TrainConfig:
             raise ChexmemError("--prediction_type must be epsilon or v_prediction")
         if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ChexmemError("--train_batch_size and --gradient_accumulation_steps must be >= 1")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise ChexmemError(
+                f"--max_train_steps must be >= 1 (or left out to train --num_train_epochs), "
+                f"not {self.max_train_steps}"
+            )
+        if self.num_train_epochs < 1:
+            raise ChexmemError(f"--num_train_epochs must be >= 1, not {self.num_train_epochs}")
         if self.push_to_hub and not self.hub_model_id:
             raise ChexmemError("--push_to_hub needs --hub_model_id (e.g. you/chexpert-sd15-lora)")
 
@@ -293,11 +502,26 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def field_help(f: dataclasses.Field, default: Any) -> str | None:
+    """A field's `metadata["help"]` with its default appended, unless the help states it.
+
+    The help is an argparse help string: a literal percent sign is written `%%`.
+    """
+    text = f.metadata.get("help")
+    if text is None or "(default" in text or default in (None, dataclasses.MISSING):
+        return text
+    if isinstance(default, list):
+        return f"{text} (default: {' '.join(map(str, default)) or 'none'})"
+    return f"{text} (default: %(default)s)"
+
+
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One `--name` flag per TrainConfig field, typed from the annotation."""
+    """One `--name` flag per TrainConfig field, typed from the annotation, its help from the
+    field's `metadata["help"]` (HfArgumentParser's convention)."""
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help = field_help(f, default)
         hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         base = (
@@ -307,14 +531,14 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         )
         if base is bool:
             parser.add_argument(
-                f"--{f.name}", action=argparse.BooleanOptionalAction, default=default
+                f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help
             )
         elif typing.get_origin(base) is list:
             parser.add_argument(
-                f"--{f.name}", nargs="*", type=typing.get_args(base)[0], default=default
+                f"--{f.name}", nargs="*", type=typing.get_args(base)[0], default=default, help=help
             )
         else:
-            parser.add_argument(f"--{f.name}", type=base, default=default)
+            parser.add_argument(f"--{f.name}", type=base, default=default, help=help)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

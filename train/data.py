@@ -257,6 +257,16 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def check_batch_size(batch_size: int, rows: int) -> None:
+    """A batch (per process) cannot hold more images than the training split has."""
+    if batch_size > rows:
+        raise ChexmemError(
+            f"--train_batch_size {batch_size} is larger than the {rows} training rows; "
+            f"give --train_batch_size {rows} or less (with --gradient_accumulation_steps for "
+            "a larger effective batch)"
+        )
+
+
 def check_resolution(resolution: int, multiple: int) -> None:
     """The resolution must divide into the VAE's and the UNet's downsampling steps."""
     if resolution <= 0 or resolution % multiple:

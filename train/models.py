@@ -9,6 +9,7 @@ from pathlib import Path
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from detect.models import library_reason, model_source
 from hf_datasets.errors import ChexmemError
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "CxrMemPipeline")
@@ -67,11 +68,10 @@ def load_components(
             "--pretrained_model_name_or_path is required: a pipeline folder (e.g. one made by "
             "`chexmem model tiny --out tiny-sd`) or a Hub id"
         )
-    path = Path(name_or_path).expanduser()
-    local = path.exists()
+    # a local folder as its absolute path, so the run file names the base from anywhere
+    source, local = model_source(name_or_path)
     if local:
-        check_pipeline_folder(path)
-    source = str(path) if local else name_or_path
+        check_pipeline_folder(Path(source))
     kwargs = {"revision": revision, "local_files_only": local}
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
@@ -86,8 +86,7 @@ def load_components(
     except (OSError, ValueError) as error:
         where = "folder" if local else "Hub id (is it spelled right, and are you online?)"
         raise ChexmemError(
-            f"cannot load a Stable Diffusion model from {source!r} ({where}): {error}".splitlines()[
-                0
-            ]
+            f"cannot load a Stable Diffusion model from {source!r} ({where}): "
+            f"{library_reason(error)}"
         ) from None
     return Components(tokenizer, text_encoder, vae, unet, scheduler, source)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from scripts.cli import main
+from tests.helpers import assert_one_line_error, run_chexmem
 
 FAST = ["--num_inference_steps", "4", "--num_generations", "2", "--seed", "3"]
 
@@ -145,3 +147,55 @@ def test_neurons_command_localizes_and_caches_the_reference(
     assert saved["reference_from_cache"] is False and 0 < saved["tau_mem"] <= 1
     assert main(argv) == 0
     assert json.loads((out / "neurons.json").read_text())["reference_from_cache"] is True
+
+
+def test_blank_lines_of_a_prompt_file_are_skipped_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from detect.prompt_sets import read_prompt_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\ufeffFrontal PA chest radiograph.\n\n   \nCardiomegaly.\n\n")
+    with caplog.at_level(logging.INFO, logger="detect"):
+        frame = read_prompt_file(prompts)
+    assert frame["prompt"].tolist() == ["Frontal PA chest radiograph.", "Cardiomegaly."]
+    assert "skipped 3 blank line(s)" in caplog.text
+
+
+def test_a_prompt_file_that_is_not_utf8_is_one_line(tiny_model: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(
+        "Frontal PA chest radiograph.\nEnlarged c\u00e6rdiac silhouette.\n".encode("latin-1")
+    )
+    out = tmp_path / "det"
+    result = run_chexmem("detect", "--model", str(tiny_model), "--prompts", str(prompts),
+                         "--output_dir", str(out))  # fmt: skip
+    assert_one_line_error(result, str(prompts), "line 2", "byte 0xe6", "save it as UTF-8")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.csv", b"", "cannot read prompt file"),
+        ("latin.csv", "prompt\nc\u00e6rdiac\n".encode("latin-1"), "line 2"),
+        ("broken.jsonl", b'{"prompt": "a"\n', "cannot read prompt file"),
+        ("broken.parquet", b"not parquet", "cannot read prompt file"),
+        (
+            "captions.csv",
+            b"id,caption\n1,Frontal PA.\n",
+            "no 'prompt' column (it has: id, caption)",
+        ),
+    ],
+)
+def test_unreadable_prompt_tables_are_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, content: bytes, message: str
+) -> None:
+    prompts = tmp_path / name
+    prompts.write_bytes(content)
+    out = tmp_path / "det"
+    argv = ["detect", "--model", str(tmp_path), "--prompts", str(prompts), "--output_dir", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("chexmem: error:") and len(err.splitlines()) == 1
+    assert message in err and str(prompts) in err and not out.exists()

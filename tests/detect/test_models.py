@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from diffusers import StableDiffusionPipeline
 
 from detect.models import load_pipeline
 from hf_datasets.errors import ChexmemError
+from tests.helpers import assert_one_line_error, run_chexmem
 from train.config import TrainConfig
 from train.trainer import train
 
@@ -60,5 +63,40 @@ def test_lora_and_subset_folders_load_onto_their_base_model(
 def test_a_folder_that_is_no_model_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ChexmemError, match="is not a model"):
         load_pipeline(tmp_path)
-    with pytest.raises(ChexmemError, match="cannot load a Stable Diffusion model"):
+    with pytest.raises(ChexmemError, match="missing-folder does not exist"):
         load_pipeline(tmp_path / "missing-folder")
+
+
+def test_a_missing_local_model_path_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("Frontal PA chest radiograph.\n")
+    result = run_chexmem("detect", "--model", "./does-not-exist", "--prompts", "p.txt",
+                         "--output_dir", "det", cwd=tmp_path)  # fmt: skip
+    assert_one_line_error(
+        result,
+        "model path ./does-not-exist does not exist (give a local folder or a Hub repo id "
+        "like org/name)",
+    )
+    assert not (tmp_path / "det").exists()
+
+
+def test_a_lora_of_a_relative_base_loads_from_anywhere_until_the_base_is_gone(
+    tiny_model: Path, phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(tiny_model, tmp_path / "tiny-sd")
+    monkeypatch.chdir(tmp_path)
+    out = _fine_tune(Path("tiny-sd"), phantom_data, Path("run"), mode="lora", rank=4)
+    run = json.loads((tmp_path / "run" / "chexmem_train.json").read_text())
+    assert run["config"]["pretrained_model_name_or_path"] == str((tmp_path / "tiny-sd").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_pipeline(tmp_path / out).unet is not None
+    shutil.rmtree(tmp_path / "tiny-sd")
+    (elsewhere / "p.txt").write_text("Frontal PA chest radiograph.\n")
+    result = run_chexmem("detect", "--model", str(tmp_path / "run"), "--prompts", "p.txt",
+                         "--output_dir", "det", cwd=elsewhere)  # fmt: skip
+    line = assert_one_line_error(
+        result, f"base model {tmp_path / 'tiny-sd'} of fine-tune {tmp_path / 'run'} not found"
+    )
+    assert "stacktrace" not in line
+    assert not (elsewhere / "det").exists()

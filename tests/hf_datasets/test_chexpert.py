@@ -11,6 +11,7 @@ import pytest
 from hf_datasets.chexpert import CheXpertConfig, load_chexpert, resolve_image_path
 from hf_datasets.errors import ChexmemError
 from hf_datasets.labels import OBSERVATIONS
+from tests.helpers import assert_one_line_error, run_chexmem
 
 
 def _all_rows(dataset) -> list[dict]:
@@ -152,6 +153,25 @@ def test_missing_root_and_csv(tmp_path: Path) -> None:
         load_chexpert(CheXpertConfig(root=str(tmp_path / "nowhere")))
     with pytest.raises(ChexmemError, match=r"no train\.csv or valid\.csv"):
         load_chexpert(CheXpertConfig(root=str(tmp_path)))
+
+
+def test_root_above_the_download_finds_the_chexpert_folder(
+    chexpert_root: Path, real_rows: pd.DataFrame, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="hf_datasets"):
+        dataset = load_chexpert(CheXpertConfig(root=str(chexpert_root.parent)))
+    assert sum(len(part) for part in dataset.values()) == len(real_rows) + 3
+    assert f"using the CheXpert folder {chexpert_root}" in caplog.text
+
+
+def test_root_with_several_chexpert_folders_names_them(chexpert_root: Path) -> None:
+    other = chexpert_root.parent / "CheXpert-v1.0"
+    other.mkdir()
+    (other / "valid.csv").write_text((chexpert_root / "valid.csv").read_text())
+    out = chexpert_root.parent / "out"
+    result = run_chexmem("data", "chexpert", "--root", str(chexpert_root.parent), "--out", str(out))
+    assert_one_line_error(result, "CheXpert-v1.0, CheXpert-v1.0-small", "point --root at one")
+    assert not out.exists()
 
 
 def test_official_valid_layout(chexpert_root: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -9,7 +10,9 @@ import pytest
 
 from hf_datasets.errors import ChexmemError
 from hf_datasets.folder import FolderConfig, load_image_folder
+from hf_datasets.summary import summarize
 from tests.conftest import OPEN_CXR, needs
+from tests.helpers import assert_one_line_error, run_chexmem
 from tests.hf_datasets.conftest import write_folder
 
 
@@ -80,3 +83,46 @@ def test_open_cxr() -> None:
     assert first["prompt"] == "Frontal AP chest radiograph of a man. COVID-19."
     assert first["image"].size == (64, 64) and first["image"].mode == "L"
     assert {r["view"] for r in rows} == {"AP", "PA"}
+
+
+def test_metadata_one_level_down_is_found(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    inner = write_folder(tmp_path / "download" / "images")
+    with caplog.at_level(logging.INFO, logger="hf_datasets"):
+        dataset = load_image_folder(FolderConfig(root=str(tmp_path / "download")))
+    assert sum(len(part) for part in dataset.values()) == 24
+    assert f"using the image folder {inner}" in caplog.text
+    write_folder(tmp_path / "download" / "more", n=4)
+    out = tmp_path / "out"
+    result = run_chexmem("data", "folder", "--root", str(tmp_path / "download"), "--out", str(out))
+    assert_one_line_error(result, "several image folders (images, more)", "point --root at one")
+    assert not out.exists()
+
+
+def test_metadata_with_only_a_header_says_to_add_rows(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "empty")
+    header = (root / "metadata.csv").read_text().splitlines()[0]
+    (root / "metadata.csv").write_text(header + "\n")
+    out = tmp_path / "out"
+    result = run_chexmem("data", "folder", "--root", str(root), "--out", str(out))
+    line = assert_one_line_error(result, f"metadata.csv in {root} has no rows", "add one row per")
+    assert "file_name" in line and "e.g." not in line
+    assert not out.exists()
+
+
+def test_nothing_left_without_examples_has_no_empty_example_tail(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "f")
+    with pytest.raises(ChexmemError, match="beyond max_rows=0") as error:
+        load_image_folder(FolderConfig(root=str(root), max_rows=0))
+    assert "e.g." not in str(error.value) and "No rows were left out" not in str(error.value)
+
+
+def test_summary_of_a_folder_without_labels_says_so(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "nolabels")
+    frame = pd.read_csv(root / "metadata.csv", dtype=str, keep_default_na=False)
+    frame.drop(columns=["cardiomegaly", "pleural_effusion"]).to_csv(
+        root / "metadata.csv", index=False
+    )
+    text = summarize(load_image_folder(FolderConfig(root=str(root))))
+    assert "no CheXpert labels" in text and "0%" not in text
+    labelled = summarize(load_image_folder(FolderConfig(root=str(write_folder(tmp_path / "l")))))
+    assert "most common in train: Cardiomegaly" in labelled and "No Finding" not in labelled

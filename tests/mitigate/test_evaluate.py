@@ -105,3 +105,17 @@ def test_cli_names_what_is_missing(tiny_model: Path, tmp_path: Path, capsys) -> 
                  "--method", "embedding", "--num_inference_steps", "2"])  # fmt: skip
     assert code == 2
     assert "held-out prompts" in capsys.readouterr().err
+
+
+def test_evaluate_prompts_without_a_prompt_column_is_one_line(
+    tiny_model: Path, phantom_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("caption,group\nFrontal PA chest radiograph.,memorized\n")
+    out = tmp_path / "eval"
+    code = main(["mitigate", "evaluate", "--model", str(tiny_model), "--prompts", str(prompts),
+                 "--dataset", str(phantom_data), "--output_dir", str(out)])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no 'prompt' column (it has: caption, group)" in err
+    assert not out.exists()
