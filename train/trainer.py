@@ -38,10 +38,19 @@ from detect.models import SUBSET_TEXT_ENCODER_FILE
 from hf_datasets.errors import ChexmemError
 from hf_datasets.show import contact_sheet
 from mitigate.training import DropCounts, MagnitudeFilter
-from train.checkpoint import list_checkpoints, read_state, resolve_resume, save_checkpoint
+from train.checkpoint import (
+    list_checkpoints,
+    prune_checkpoints,
+    read_state,
+    remove_stale,
+    resolve_resume,
+    save_checkpoint,
+    set_aside,
+)
 from train.config import TrainConfig
 from train.data import (
     cache_latents,
+    check_batch_size,
     check_resolution,
     collate,
     load_train_dataset,
@@ -146,9 +155,10 @@ def prepare_output_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
         )
     if accelerator.is_main_process:
         if config.overwrite_output_dir and not config.resume_from_checkpoint and out.exists():
-            for old in [*checkpoints, out / "logs", out / "validation"]:
+            for old in [*out.glob("checkpoint-*"), out / "logs", out / "validation"]:
                 shutil.rmtree(old, ignore_errors=True)
             (out / RUN_FILE).unlink(missing_ok=True)
+        remove_stale(out)  # a killed run's half-written checkpoint
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return out
@@ -482,6 +492,48 @@ def run_drop_counts(resumed: DropCounts, local: DropCounts) -> DropCounts:
     return merged
 
 
+def apply_learning_rate(optimizer: Any, lr_scheduler: Any, lr: float) -> float | None:
+    """After `load_state`: train on at `lr` (--learning_rate now), not the checkpoint's rate.
+
+    The checkpoint's optimizer and schedule state carry its base rate; at the same step the
+    schedule's factor stays. Returns the replaced rate, or None when it was the same."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # a LambdaLR (diffusers)
+    old = scheduler.base_lrs[0]
+    if all(base == lr for base in scheduler.base_lrs):
+        return None
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+    return old
+
+
+def diverged(
+    accelerator: Accelerator,
+    what: str,
+    output_dir: Path,
+    last_good: Path | None,
+    unconfirmed: Path | None,
+) -> ChexmemError:
+    """The one-line error a non-finite loss or weights end the run with.
+
+    `unconfirmed` (the checkpoint whose weights gave it, when this run's output_dir holds
+    it) is set aside, so that `latest` and the message name the last good one instead."""
+    aside = ""
+    if unconfirmed is not None and unconfirmed.resolve().parent == output_dir.resolve():
+        if accelerator.is_main_process and unconfirmed.exists():
+            aside = f" (with the weights of {unconfirmed.name}, now {set_aside(unconfirmed).name})"
+        accelerator.wait_for_everyone()
+    where = (
+        f"the last good checkpoint is {last_good}; resume from it with "
+        f"--resume_from_checkpoint {last_good} and a lower --learning_rate"
+        if last_good is not None
+        else "no good checkpoint was written; lower --learning_rate"
+    )
+    return ChexmemError(
+        f"{what}{aside}; {where}, use --mixed_precision bf16 instead of fp16, or check the data"
+    )
+
+
 def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) -> TrainResult:
     """Fine-tune a Stable Diffusion model as `config` says; returns where the result went.
 
@@ -492,8 +544,8 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
     accelerator = make_accelerator(config)
     logging.getLogger("chexmem").info(accelerator.state)
     set_seed(config.seed, device_specific=True)
-    output_dir = prepare_output_dir(config, accelerator)
 
+    # model and data are checked before output_dir is touched: a bad flag writes nothing
     parts = load_components(config.pretrained_model_name_or_path, config.revision, config.variant)
     if config.prediction_type:
         parts.noise_scheduler.register_to_config(prediction_type=config.prediction_type)
@@ -501,6 +553,9 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
     check_resolution(
         resolution, parts.vae_scale_factor * 2 ** (len(parts.unet.config.block_out_channels) - 1)
     )
+    dataset = load_train_dataset(config)
+    check_batch_size(config.train_batch_size, len(dataset))
+    output_dir = prepare_output_dir(config, accelerator)
     weight_dtype = weight_dtype_of(accelerator)
     trainable = setup_trainable(parts, config)
     frozen_dtype = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
@@ -526,7 +581,6 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
     )
     trained_params = sum(p.numel() for p in trainable.params)
 
-    dataset = load_train_dataset(config)
     if config.cache_latents:
         dataset = cache_latents(
             dataset,
@@ -602,9 +656,17 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
                 resumed_drops = before
         if skip_batches >= batches_per_epoch:
             first_epoch, skip_batches = first_epoch + 1, 0
+        if global_step >= max_steps:  # the run's last checkpoint: only the final save is left
+            num_epochs = first_epoch
         accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+        replaced = apply_learning_rate(optimizer, lr_scheduler, lr)
+        if replaced is not None:
+            accelerator.print(f"learning rate {replaced:g} (the checkpoint's) replaced by {lr:g}")
     elif config.resume_from_checkpoint:
         accelerator.print("no checkpoint to resume from; starting a new run")
+    # a checkpoint is good once a loss computed with its weights was finite
+    last_good: Path | None = None
+    unconfirmed: Path | None = checkpoint
 
     empty_ids = tokenize(parts.tokenizer, [""])
     progress = tqdm(
@@ -648,17 +710,16 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
                 )
                 gathered = accelerator.gather(loss.detach().reshape(1)).mean().item()
                 if not math.isfinite(gathered):
-                    last = list_checkpoints(output_dir)
-                    where = (
-                        f"the last good checkpoint is {last[-1]}"
-                        if last
-                        else "no checkpoint was written yet"
+                    progress.close()  # now, so that the error stays the last line
+                    raise diverged(
+                        accelerator,
+                        f"the loss became {gathered} at step {global_step + 1}",
+                        output_dir,
+                        last_good,
+                        unconfirmed,
                     )
-                    raise ChexmemError(
-                        f"the loss became {gathered} at step {global_step + 1}; {where}. "
-                        "Lower --learning_rate, use --mixed_precision bf16 instead of fp16, "
-                        "or check the data"
-                    )
+                if unconfirmed is not None:
+                    last_good, unconfirmed = unconfirmed, None
                 running_loss += gathered / config.gradient_accumulation_steps
                 if weights is not None:
                     copies = batch.get("copies")
@@ -725,8 +786,13 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
                 if sample_weighter is not None:
                     state["drop_counts"] = run_drop_counts(resumed_drops, drops).to_state()
                     state["steps_all_dropped"] = steps_all_dropped
-                save_checkpoint(
-                    accelerator, output_dir, global_step, state, config.checkpoints_total_limit
+                unconfirmed = save_checkpoint(
+                    accelerator,
+                    output_dir,
+                    global_step,
+                    state,
+                    config.checkpoints_total_limit,
+                    keep=last_good,
                 )
             if config.validation_steps and global_step % config.validation_steps == 0:
                 run_validation(accelerator, parts, trainable, ema, config, resolution, global_step)
@@ -737,6 +803,16 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
     progress.close()
 
     accelerator.wait_for_everyone()
+    finite = all(bool(torch.isfinite(p).all()) for p in trainable.params)
+    if not bool(accelerator.gather(torch.tensor([finite], device=accelerator.device)).all()):
+        # the last update made them NaN/inf: no loss after it showed it; never save them
+        raise diverged(
+            accelerator,
+            f"the weights became non-finite at step {global_step}",
+            output_dir,
+            last_good,
+            unconfirmed,
+        )
     fingerprints = gather_object([weights_fingerprint(trainable.params)])
     if len(set(fingerprints)) > 1:
         logger.warning("processes ended with different weights: %s", fingerprints)
@@ -746,6 +822,7 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
         if ema is not None:
             ema.copy_to(trainable.params)
         files = save_final(accelerator, parts, trainable, config, output_dir)
+        prune_checkpoints(output_dir, config.checkpoints_total_limit)  # the kept last good one
         result_info = {
             "global_step": global_step,
             "final_loss": last_loss,
@@ -757,7 +834,8 @@ def train(config: TrainConfig, sample_weighter: SampleWeighter | None = None) ->
             "rank_weight_fingerprints": fingerprints,
             "mixed_precision": accelerator.mixed_precision,
             "resolution": resolution,
-            "config": config.to_dict(),
+            # the base as loaded: a local folder's absolute path, so it loads from any cwd
+            "config": {**config.to_dict(), "pretrained_model_name_or_path": parts.source},
         }
         if run_drops is not None:
             assert sample_weighter is not None

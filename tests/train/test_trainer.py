@@ -12,7 +12,10 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from hf_datasets.errors import ChexmemError
+from hf_datasets.storage import load_dataset_dir
+from tests.helpers import assert_one_line_error, run_chexmem
 from train.checkpoint import list_checkpoints, save_checkpoint
+from train.cli import main as train_main
 from train.config import TrainConfig
 from train.lora import LORA_WEIGHTS
 from train.subset import DELTA_FILE, MASK_FILE, load_subset
@@ -270,7 +273,7 @@ def test_failed_checkpoint_write_leaves_no_half_checkpoint(
     [
         (
             {"pretrained_model_name_or_path": "/nonexistent/model"},
-            "cannot load a Stable Diffusion model",
+            "model path /nonexistent/model does not exist",
         ),
         ({"train_data_dir": "/nonexistent/data"}, "does not exist"),
         ({"caption_column": "report"}, "lacks column\\(s\\) report"),
@@ -280,6 +283,41 @@ def test_failed_checkpoint_write_leaves_no_half_checkpoint(
 def test_bad_input_is_one_clear_error(base_args: dict, override: dict, message: str) -> None:
     with pytest.raises(ChexmemError, match=message):
         train(TrainConfig(**{**base_args, **override}))
+
+
+def _flags(options: dict) -> list[str]:
+    """TrainConfig options as `chexmem train` flags."""
+    return [part for key, value in options.items() for part in (f"--{key}", str(value))]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max_train_steps", "0"], "--max_train_steps must be >= 1 (or left out"),
+        (["--max_train_steps", "-5"], "--max_train_steps must be >= 1 (or left out"),
+        (["--num_train_epochs", "0"], "--num_train_epochs must be >= 1, not 0"),
+        (["--resolution", "50"], "--resolution 50 must be a positive multiple of 16"),
+        (["--pretrained_model_name_or_path", "./nope"], "model path ./nope does not exist"),
+    ],
+)
+def test_impossible_training_flags_stop_before_anything_is_written(
+    base_args: dict, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train_main([*_flags(base_args), *flags]) == 2
+    err = capsys.readouterr().err.strip()  # after any progress bar of the model loading
+    assert [line for line in err.splitlines() if "error" in line] == [err.splitlines()[-1]]
+    assert err.splitlines()[-1].startswith("chexmem: error: ") and message in err
+    assert not Path(base_args["output_dir"]).exists()
+
+
+def test_a_batch_larger_than_the_data_is_one_line_from_the_command_line(
+    base_args: dict, phantom_data: Path
+) -> None:
+    rows = len(load_dataset_dir(phantom_data)["train"])
+    options = {**base_args, "train_batch_size": 500, "max_train_steps": 1}
+    result = run_chexmem("train", *_flags(options))
+    assert_one_line_error(result, f"--train_batch_size 500 is larger than the {rows} training rows")
+    assert not Path(base_args["output_dir"]).exists()
 
 
 def test_not_a_pipeline_folder(base_args: dict, tmp_path: Path) -> None:
