@@ -219,6 +219,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
         render_html,
         render_terminal,
         token_significance,
+        use_color,
     )
 
     if args.prompt:
@@ -245,7 +246,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
         check = removal_check(pipe, significance, config, int(prompt_id))
         checks.append({"prompt_id": int(prompt_id), **check, "special": significance.special})
         pages.append(render_html(significance))
-        print(render_terminal(significance))
+        print(render_terminal(significance, color=use_color(sys.stdout)))
         print(
             f"  without {', '.join(check['removed'])}: score "
             f"{check['score_before']:.3f} -> {check['score_after']:.3f}"

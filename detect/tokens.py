@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,13 +230,19 @@ def _shades(significance: TokenSignificance) -> list[float]:
     return [float(s / top) if top > 0 else 0.0 for s in scores]
 
 
-def render_terminal(significance: TokenSignificance) -> str:
-    """The prompt with each word on a background from grey (low) to red (high)."""
+def use_color(stream: Any) -> bool:
+    """Colour only for a terminal, and never with NO_COLOR set (no-color.org)."""
+    return bool(getattr(stream, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
+
+
+def render_terminal(significance: TokenSignificance, color: bool = True) -> str:
+    """The prompt with each word on a background from grey (low) to red (high); without
+    colour, the plain prompt (the top tokens line carries the values)."""
     ramp = [236, 52, 88, 124, 160, 196]
     parts = []
     for word, shade in zip(significance.words, _shades(significance), strict=True):
-        color = ramp[min(len(ramp) - 1, int(shade * len(ramp)))]
-        parts.append(f"\x1b[48;5;{color}m{word}\x1b[0m")
+        background = ramp[min(len(ramp) - 1, int(shade * len(ramp)))]
+        parts.append(f"\x1b[48;5;{background}m{word}\x1b[0m" if color else word)
     top = ", ".join(f"{t} {s:.3g}" for t, s in significance.top_tokens(3))
     return " ".join(parts) + f"\n  top tokens: {top}"
 

@@ -73,6 +73,7 @@ def test_tokens_command_renders_and_checks_removal(
     assert main([*argv, "--output_dir", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "top tokens:" in printed and "score" in printed
+    assert "\x1b[" not in printed and prompt.split()[0].lower() in printed  # not a terminal
     tokens = pd.read_csv(out / "tokens.csv")
     assert tokens["word"].iloc[0] == "frontal" and (tokens["significance"] > 0).all()
     removal = json.loads((out / "tokens.json").read_text())["removal"][0]
