@@ -46,6 +46,12 @@ class AdjustedEmbedding:
         return [trace[-1] for trace in self.losses]
 
 
+# the embedding's stopping target: the 10th percentile of held-out step-1 scores. Stopping at
+# the detection flag (q0.95) left the copies in place on the tiny model; q0.1 with 30
+# iterations removed 89% of them (docs/benchmarks.md). The CLI, the study and `calibrate` share it
+TARGET_QUANTILE = 0.1
+
+
 def calibrate_target(scores: Sequence[float] | np.ndarray, quantile: float = 0.95) -> float:
     """The stopping target: a high quantile of held-out, non-memorized prompts' scores."""
     values = np.asarray(scores, dtype=np.float64).ravel()
@@ -199,7 +205,7 @@ class EmbeddingAdjustment(Mitigation):
         pipe: Any,
         held_out_prompts: Sequence[str],
         config: MagnitudeConfig,
-        quantile: float = 0.95,
+        quantile: float = TARGET_QUANTILE,
         prompt_ids: Sequence[int] | None = None,
     ) -> float:
         """Set `target` from the first-step scores of held-out, non-memorized prompts."""

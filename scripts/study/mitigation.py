@@ -37,7 +37,7 @@ from detect.similarity import calibrate_threshold as copy_threshold
 from hf_datasets.show import contact_sheet
 from hf_datasets.storage import load_dataset_dir
 from mitigate.base import Mitigation, StudySetup
-from mitigate.embedding import calibrate_target
+from mitigate.embedding import TARGET_QUANTILE, calibrate_target
 from mitigate.evaluate import (
     ClassifierMetrics,
     EvaluationSetup,
@@ -197,7 +197,7 @@ def run_methods(config: Any, ctx: Context, model: Path, frame: pd.DataFrame) -> 
     target = calibrate_target(held_out_scores, 0.95)  # detection's flag
     # the embedding is pushed down to the 10th percentile: stopping at the flag itself left
     # the copies in place on the tiny model (docs/benchmarks.md)
-    embedding_target = calibrate_target(held_out_scores, 0.1)
+    embedding_target = calibrate_target(held_out_scores, TARGET_QUANTILE)
     prompts = flagged_prompts(frame, target)
     memorized = list(prompts.loc[prompts["group"] == "memorized", "prompt"])
     pipe = config.load(model)

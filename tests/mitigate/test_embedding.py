@@ -142,3 +142,19 @@ def test_calibrate_uses_held_out_first_step_scores(pipe) -> None:
     first = dataclasses.replace(CONFIG, max_steps=1)
     scores = noise_magnitudes(pipe, held_out, first, [20, 21]).scores(1)
     assert mitigation.target == target == pytest.approx(calibrate_target(scores, 0.9))
+
+
+def test_one_embedding_target_default_for_the_cli_the_study_and_the_api() -> None:
+    import inspect
+
+    from mitigate.embedding import TARGET_QUANTILE, EmbeddingAdjustment
+    from scripts.cli import build_parser
+
+    for command in (["generate", "--method", "embedding"], ["evaluate"]):
+        args = build_parser().parse_args(
+            ["mitigate", *command, "--model", "m", "--prompts", "p.csv", "--dataset", "d"]
+        )
+        assert args.target_quantile == TARGET_QUANTILE == 0.1
+    signature = inspect.signature(EmbeddingAdjustment.calibrate)
+    assert signature.parameters["quantile"].default == TARGET_QUANTILE
+    assert "10th percentile" in (Path(__file__).parents[2] / "README.md").read_text()
