@@ -298,6 +298,7 @@ def read_generations(folder: Path) -> tuple[pd.DataFrame, list[Any]]:
 
 def cmd_similarity(args: argparse.Namespace) -> None:
     """Nearest training images of generations, a calibrated copy threshold, copy rates."""
+    from detect.calibration import given
     from detect.similarity import SearchConfig, TrainingBank, calibrate_threshold, detect_copies
     from hf_datasets.storage import load_dataset_dir
 
@@ -318,9 +319,14 @@ def cmd_similarity(args: argparse.Namespace) -> None:
         image_ids=train["source_path"] if "source_path" in columns else None,
         study_ids=train["study_id"] if "study_id" in columns else None,
     )
-    threshold = calibrate_threshold(
-        splits[args.heldout_split]["image"], bank, embedder, args.percentile, search
+    calibration = (
+        given("copy threshold", args.copy_threshold)
+        if args.copy_threshold is not None
+        else calibrate_threshold(
+            splits[args.heldout_split]["image"], bank, embedder, args.percentile, search
+        )
     )
+    threshold = calibration.value
     own = None
     scores = folder / "scores.csv"
     if scores.is_file() and "train_index" in pd.read_csv(scores, nrows=0).columns:
@@ -341,8 +347,11 @@ def cmd_similarity(args: argparse.Namespace) -> None:
         "prompts": int(table["prompt_id"].nunique()),
         "embedder": report.embedder,
         "threshold": threshold,
-        "threshold_from": f"{args.percentile}th percentile of {args.heldout_split} images' "
+        "threshold_from": "given (--copy_threshold)"
+        if args.copy_threshold is not None
+        else f"{args.percentile}th percentile of {args.heldout_split} images' "
         f"nearest-{args.split} similarity",
+        "threshold_calibration": calibration.record(),
         "copy_rate": report.copy_rate,
         "mean_nearest_similarity": float(table["nearest_similarity"].mean()),
     }
@@ -356,6 +365,7 @@ def cmd_similarity(args: argparse.Namespace) -> None:
 
 def cmd_neurons(args: argparse.Namespace) -> None:
     """NEMO: the cross-attention value neurons that carry each prompt's memorization."""
+    from detect.calibration import given
     from detect.models import load_pipeline
     from detect.neurons import (
         NemoConfig,
@@ -387,11 +397,12 @@ def cmd_neurons(args: argparse.Namespace) -> None:
     stats = reference_statistics(
         pipe, list(reference["prompt"]), config, cache_dir=args.cache_dir or out / "reference"
     )
-    tau = (
-        args.tau_mem
+    calibration = (
+        given("tau_mem", args.tau_mem)
         if args.tau_mem is not None
         else calibrate_threshold(pipe, list(reference["prompt"]), config)
     )
+    tau = calibration.value
     report = localize_prompts(
         pipe, list(prompts["prompt"]), stats, tau, config, list(prompts["prompt_id"])
     )
@@ -404,6 +415,7 @@ def cmd_neurons(args: argparse.Namespace) -> None:
         {
             "tau_mem": tau,
             "tau_mem_from": "given" if args.tau_mem is not None else "calibrated on reference",
+            "tau_mem_calibration": calibration.record(),
             "reference_prompts": len(reference),
             "reference_from_cache": stats.from_cache,
             "config": asdict(config),
@@ -588,6 +600,12 @@ def add_detect_commands(subparsers: argparse._SubParsersAction) -> None:
         default=95.0,
         help="copy threshold: this percentile of held-out images' nearest-training similarity "
         "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--copy_threshold",
+        type=float,
+        help="use this copy threshold instead of calibrating one on --heldout_split (in the "
+        "--embedder's similarity; default: calibrated)",
     )
     p.add_argument(
         "--max_memory_mb",

@@ -52,6 +52,7 @@ from diffusers import DDIMScheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from detect.calibration import Calibration, check_calibration
 from detect.magnitude import MagnitudeConfig, encode_prompts, initial_latents
 from hf_datasets.errors import ChexmemError
 
@@ -429,12 +430,26 @@ def calibrate_threshold(
     prompts: Sequence[str],
     config: NemoConfig | None = None,
     prompt_ids: Sequence[int] | None = None,
-) -> float:
-    """tau_mem: mean + 1 std (sample std) of the non-memorized prompts' max pairwise SSIMs."""
+    fix: str | None = None,
+) -> Calibration:
+    """tau_mem: mean + 1 std (sample std) of the non-memorized prompts' max pairwise SSIMs.
+
+    Fewer than 20 prompts, or a tau_mem at SSIM's maximum, is kept but warned about and
+    marked in the status (`detect.calibration`).
+    """
     if len(prompts) < 2:
         raise ChexmemError("calibrating tau_mem needs at least 2 non-memorized prompts")
     values = max_pairwise_similarities(pipe, prompts, config, prompt_ids)
-    return float(values.mean() + values.std(ddof=1))
+    return check_calibration(
+        "tau_mem",
+        float(values.mean() + values.std(ddof=1)),
+        values,
+        fix=fix
+        or "calibrate on at least 20 non-memorized reference prompts (--num_reference), with "
+        "more seeds if their SSIMs are all alike (--num_seeds), or set it yourself (--tau_mem)",
+        ceiling=1.0,
+        ceiling_means="no seed's noise difference can reach it, so no prompt is memorized",
+    )
 
 
 # --- localization ----------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from detect.calibration import Calibration, check_calibration
 from hf_datasets.errors import ChexmemError
 from hf_datasets.images import to_grayscale
 
@@ -82,7 +83,10 @@ def pixels(images: Iterable[Image.Image], size: int) -> np.ndarray:
 
 
 class Embedder(Protocol):
-    """Images to float32 rows, and a similarity between rows (higher = more similar)."""
+    """Images to float32 rows, and a similarity between rows (higher = more similar).
+
+    An embedder whose similarity of identical images is not 1 says so in `max_similarity`.
+    """
 
     name: str
 
@@ -260,6 +264,7 @@ class TiledL2Embedder:
 
     size: int = 64
     tiles: int = 4  # per side
+    max_similarity: ClassVar[float] = 0.0  # identical images
 
     def __post_init__(self) -> None:
         if self.tiles < 1 or self.size % self.tiles:
@@ -672,10 +677,14 @@ def calibrate_threshold(
     embedder: Embedder | None = None,
     percentile: float = 95.0,
     config: SearchConfig | None = None,
-) -> float:
+    fix: str | None = None,
+) -> Calibration:
     """The copy threshold: this percentile of held-out real images' nearest-training similarity.
 
     The held-out images must be of patients absent from the bank (a patient-disjoint split).
+    Fewer than 20 of them, or a threshold at the similarity's maximum (held-out images that
+    are training images), is kept but warned about and marked in the status
+    (`detect.calibration`).
     """
     if not 0 <= percentile <= 100:
         raise ChexmemError(f"percentile must be between 0 and 100, got {percentile}")
@@ -685,8 +694,18 @@ def calibrate_threshold(
     queries = _features(heldout, embedder, "held-out images")
     if len(queries) == 0:
         raise ChexmemError("no held-out images to calibrate the threshold on")
-    similarity = search(queries, features, embedder, config=config).similarity
-    return float(np.percentile(similarity.astype(np.float64), percentile))
+    similarity = search(queries, features, embedder, config=config).similarity.astype(np.float64)
+    return check_calibration(
+        "copy threshold",
+        float(np.percentile(similarity, percentile)),
+        similarity,
+        fix=fix
+        or "calibrate on at least 20 held-out images of patients absent from the training set "
+        "(a patient-disjoint split), or set the threshold yourself (--copy_threshold)",
+        ceiling=getattr(embedder, "max_similarity", 1.0),
+        ceiling_means="no generation can lie above it, so nothing is ever a copy (are the "
+        "held-out images training images?)",
+    )
 
 
 def _own_rows(own_index: Sequence[int | None] | None, n: int, n_bank: int) -> np.ndarray | None:
@@ -771,8 +790,9 @@ def match_generations(
     table["same_patient"] = same_patient
     if threshold is None:
         table["is_copy"] = pd.array([pd.NA] * n, dtype="boolean")
-    else:
-        table["is_copy"] = pd.array(table["nearest_similarity"] > threshold, dtype="boolean")
+    else:  # a float or a Calibration
+        above = table["nearest_similarity"] > float(threshold)
+        table["is_copy"] = pd.array(above, dtype="boolean")
     return table
 
 

@@ -69,7 +69,7 @@ def build_method(
         # prompt ids past any evaluated prompt's: the held-out seeds differ from theirs
         ids = list(range(100_000, 100_000 + len(held_out)))
         target = method.calibrate(pipe, held_out, config, args.target_quantile, ids)
-        print(f"embedding target {target:.4f} (q{args.target_quantile} of held-out)")
+        print(f"embedding target {target.value:.4f} (q{args.target_quantile} of held-out)")
         return method
     if name == "neurons":
         from mitigate.neurons import NeuronDeactivation
@@ -165,6 +165,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Every method against no mitigation on the same prompts, seeds and copy threshold."""
+    from detect.calibration import given
     from detect.cli import DTYPES
     from detect.models import load_pipeline
     from detect.prompt_sets import read_prompt_file
@@ -179,9 +180,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     train, heldout = dataset[args.split], dataset[args.heldout_split]
     embedder = NCCEmbedder(size=args.size)
     bank = TrainingBank.from_images(train["image"], embedder, patient_ids=train["patient_id"])
-    threshold = args.copy_threshold or calibrate_threshold(
-        heldout["image"], bank, embedder, args.percentile
+    calibration = (
+        given("copy threshold", args.copy_threshold)
+        if args.copy_threshold is not None
+        else calibrate_threshold(heldout["image"], bank, embedder, args.percentile)
     )
+    threshold = calibration.value
     print(f"copy threshold {threshold:.4f} ({embedder.name})")
     pipe = load_pipeline(args.model, dtype=DTYPES[args.dtype])
     config = trajectory_config(args)
@@ -214,6 +218,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         {
             "model": args.model,
             "threshold": threshold,
+            "threshold_calibration": calibration.record(),
             "embedder": report.embedder,
             "methods": {name: run.description for name, run in report.runs.items()},
             "table": report.table.to_dict(orient="records"),

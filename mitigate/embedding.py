@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
+from detect.calibration import Calibration, check_calibration
 from detect.magnitude import MagnitudeConfig, encode_prompts, initial_latents, noise_magnitudes
 from detect.tokens import frozen
 from hf_datasets.errors import ChexmemError
@@ -52,14 +53,33 @@ class AdjustedEmbedding:
 TARGET_QUANTILE = 0.1
 
 
-def calibrate_target(scores: Sequence[float] | np.ndarray, quantile: float = 0.95) -> float:
-    """The stopping target: a high quantile of held-out, non-memorized prompts' scores."""
+def calibrate_target(
+    scores: Sequence[float] | np.ndarray,
+    quantile: float = 0.95,
+    what: str = "embedding target",
+    fix: str | None = None,
+) -> Calibration:
+    """The stopping target: a quantile of held-out, non-memorized prompts' scores.
+
+    Fewer than 20 scores, scores all alike, or a target at 0 (which no loss can reach) is
+    kept but warned about and marked in the status (`detect.calibration`).
+    """
     values = np.asarray(scores, dtype=np.float64).ravel()
     if values.size == 0:
         raise ChexmemError("calibrate_target needs the scores of at least one held-out prompt")
     if not 0.0 < quantile <= 1.0:
         raise ChexmemError(f"quantile must be in (0, 1], got {quantile}")
-    return float(np.quantile(values, quantile))
+    return check_calibration(
+        f"{what} (q{quantile:g} of held-out step-1 scores)",
+        float(np.quantile(values, quantile)),
+        values,
+        fix=fix
+        or "calibrate on at least 20 held-out, non-memorized prompts (--num_calibration, "
+        "--calibration_prompts), or set it yourself (embedding:target=VALUE)",
+        floor=0.0,
+        floor_means="the noise magnitude is a norm, so no prompt can reach it and every one "
+        "runs all iterations",
+    )
 
 
 def ddim_scheduler(pipe: Any, config: MagnitudeConfig) -> DDIMScheduler:
@@ -199,6 +219,7 @@ class EmbeddingAdjustment(Mitigation):
             raise ChexmemError("lr must be > 0 and max_iterations >= 0")
         self.last_losses: list[list[float]] = []  # per prompt, of the last `embeddings` call
         self.last_iterations: list[int] = []
+        self.calibration: Calibration | None = None  # of `target`, when `calibrate` set it
 
     def calibrate(
         self,
@@ -207,12 +228,20 @@ class EmbeddingAdjustment(Mitigation):
         config: MagnitudeConfig,
         quantile: float = TARGET_QUANTILE,
         prompt_ids: Sequence[int] | None = None,
-    ) -> float:
+    ) -> Calibration:
         """Set `target` from the first-step scores of held-out, non-memorized prompts."""
         first_step = dataclasses.replace(config, max_steps=1, progress=False)
         scores = noise_magnitudes(pipe, held_out_prompts, first_step, prompt_ids).scores(1)
-        self.target = calibrate_target(scores.to_numpy(), quantile)
-        return self.target
+        self.calibration = calibrate_target(scores.to_numpy(), quantile)
+        self.target = self.calibration.value
+        return self.calibration
+
+    def describe(self) -> dict[str, Any]:
+        """Name and settings, with the target's calibration when `calibrate` set it."""
+        found = super().describe()
+        if self.calibration is not None:
+            found["target_calibration"] = self.calibration.record()
+        return found
 
     def embeddings(
         self, pipe: Any, prompts: list[str], prompt_ids: list[int], config: MagnitudeConfig

@@ -406,7 +406,7 @@ class Objective:
         embedder = NCCEmbedder()
         bank = embedder.embed(list(self.dataset["train"]["image"]))
         held_out = list(self.dataset[self.config.quality_split]["image"])
-        return calibrate_threshold(embedder.embed(held_out), bank)
+        return calibrate_threshold(embedder.embed(held_out), bank).value
 
     def train_config(self, trial: TrialConfig, run_dir: Path) -> TrainConfig:
         """The inner loop's `chexmem train` settings."""

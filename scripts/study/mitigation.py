@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 from datasets import concatenate_datasets
 
+from detect.calibration import Calibration
 from detect.classifier import ClassifierConfig, label_matrix, train_classifier
 from detect.cli import write_json
 from detect.magnitude import MagnitudeConfig
@@ -47,6 +48,12 @@ from mitigate.evaluate import (
 from mitigate.neurons import NeuronDeactivation, perturbation_robustness
 from mitigate.registry import mitigation_class
 from scripts.study.config import study_methods
+
+# the remedy a calibration warning names in the study: it calibrates on the data's held-out part
+MORE_HELD_OUT = (
+    "give the study more held-out data: at least 20 held-out prompts (--held_out_prompts) and "
+    "enough patients for the validation and test splits (--num_patients, or a larger dataset)"
+)
 
 
 def flagged_prompts(frame: pd.DataFrame, target: float) -> pd.DataFrame:
@@ -68,7 +75,7 @@ def localize(pipe: Any, memorized: list[str], reference: list[str], steps: int, 
     """NEMO's neurons of the memorized prompts (reference: held-out prompts), and tau_mem."""
     nemo = NemoConfig(num_seeds=6, num_inference_steps=steps, seed=seed, progress=False)
     stats = reference_statistics(pipe, reference, nemo)
-    tau = calibrate_threshold(pipe, reference, nemo)
+    tau = calibrate_threshold(pipe, reference, nemo, fix=MORE_HELD_OUT)
     return localize_prompts(pipe, memorized, stats, tau, nemo), tau
 
 
@@ -111,10 +118,15 @@ class Context:
     held_out: Any
     bank: TrainingBank
     embedder: NCCEmbedder
-    threshold: float
+    copy_calibration: Calibration
     metrics: ClassifierMetrics
     labels: Any
     magnitude: MagnitudeConfig
+
+    @property
+    def threshold(self) -> float:
+        """The copy threshold every method is judged by."""
+        return self.copy_calibration.value
 
     def setup(self, prompts: pd.DataFrame) -> EvaluationSetup:
         """The evaluation of these prompts with the shared threshold, seeds and features."""
@@ -162,7 +174,7 @@ def prepare(config: Any, data: Path) -> Context:
     embedder = NCCEmbedder()
     bank = TrainingBank.from_images(train_images, embedder, patient_ids=train["patient_id"])
     held_out = concatenate_datasets([dataset["validation"], dataset["test"]])
-    threshold = copy_threshold(list(held_out["image"]), bank, embedder, 95.0)
+    threshold = copy_threshold(list(held_out["image"]), bank, embedder, 95.0, fix=MORE_HELD_OUT)
     distinct = sorted({p: i for i, p in reversed(list(enumerate(train["prompt"])))}.values())
     classifier = shared_classifier(config, dataset, out)  # reused by both parts
     metrics = ClassifierMetrics(classifier, [train_images[i] for i in distinct])
@@ -194,18 +206,20 @@ def run_methods(config: Any, ctx: Context, model: Path, frame: pd.DataFrame) -> 
     """Every inference-time mitigation against none; `frame` is the CFG model's detection."""
     out = ctx.out
     held_out_scores = frame.loc[frame["group"] == "held_out", "score_step1"].to_numpy()
-    target = calibrate_target(held_out_scores, 0.95)  # detection's flag
+    flag = calibrate_target(held_out_scores, 0.95, "detection flag", MORE_HELD_OUT)
     # the embedding is pushed down to the 10th percentile: stopping at the flag itself left
     # the copies in place on the tiny model (docs/benchmarks.md)
-    embedding_target = calibrate_target(held_out_scores, TARGET_QUANTILE)
+    embedding = calibrate_target(held_out_scores, TARGET_QUANTILE, fix=MORE_HELD_OUT)
+    target, embedding_target = flag.value, embedding.value
     prompts = flagged_prompts(frame, target)
     memorized = list(prompts.loc[prompts["group"] == "memorized", "prompt"])
     pipe = config.load(model)
     print(f"{len(memorized)} training prompts flagged (step-1 score >= {target:.3f}, the 95th "
           f"percentile of held-out prompts); copy threshold NCC {ctx.threshold:.3f}")  # fmt: skip
-    nemo, tau_mem = localize(
+    nemo, tau_calibration = localize(
         pipe, memorized, list(ctx.held_out["prompt"]), config.inference_steps, config.seed
     )
+    tau_mem = tau_calibration.value
     neurons = NeuronDeactivation.from_report(nemo)
     neurons.to_json(out / "mitigation_neurons.json")
     print(f"NEMO: tau_mem {tau_mem:.3f}, {neurons.describe()['num_neurons']} neurons blocked")
@@ -230,6 +244,12 @@ def run_methods(config: Any, ctx: Context, model: Path, frame: pd.DataFrame) -> 
         "copy_embedder": ctx.embedder.name,
         "detection_flag": target,
         "embedding_target": embedding_target,
+        "calibrations": {
+            "copy_threshold": ctx.copy_calibration.record(),
+            "detection_flag": flag.record(),
+            "embedding_target": embedding.record(),
+            "tau_mem": tau_calibration.record(),
+        },
         "features": ctx.metrics.extractor.name,
         "memorized_prompts": len(memorized),
         "ordinary_prompts": int((prompts["group"] == "ordinary").sum()),
@@ -276,6 +296,7 @@ def run_models(
     capacity.to_csv(ctx.out / "mitigation_capacity.csv", index=False)
     summary = {
         "copy_threshold": ctx.threshold,
+        "calibrations": {"copy_threshold": ctx.copy_calibration.record()},
         "features": ctx.metrics.extractor.name,
         "training": training.to_dict(orient="records"),
         "capacity": capacity.to_dict(orient="records"),

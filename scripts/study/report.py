@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from detect.calibration import warnings_of
 from detect.plots import bar_chart
 from detect.registry import detector_class
 from hf_datasets.errors import ChexmemError
@@ -244,6 +245,10 @@ def mitigation_section(config: StudyConfig, mitigation: dict, models: dict) -> S
                     pd.DataFrame(mitigation["robustness"]),
                 )
             )
+    calibrations = {**models.get("calibrations", {}), **mitigation.get("calibrations", {})}
+    if calibrations:
+        section.tables.append(calibration_table(calibrations))
+        section.text += [f"Warning: {text}" for text in warnings_of(*calibrations.values())]
     for key, title in (("training", "Training-time filter"), ("capacity", "Capacity control")):
         if models.get(key):
             section.tables.append(
@@ -254,6 +259,21 @@ def mitigation_section(config: StudyConfig, mitigation: dict, models: dict) -> S
                 )
             )
     return section
+
+
+def calibration_table(calibrations: dict[str, dict]) -> Table:
+    """Each value calibrated on held-out data, and whether it can be trusted."""
+    rows = [
+        {"calibration": name, **{k: v for k, v in record.items() if k != "warning"}}
+        for name, record in calibrations.items()
+    ]
+    return Table(
+        "Calibrations on held-out data",
+        pd.DataFrame(rows),
+        "status: ok; few_values (fewer than 20 held-out values); degenerate (no spread, or a "
+        "value that decides nothing); given (set by hand). A value that is not ok is kept, "
+        "and its warning below names the cause and the fix.",
+    )
 
 
 def headline(detection: dict, mitigation: dict, models: dict) -> list[str]:
@@ -279,6 +299,13 @@ def headline(detection: dict, mitigation: dict, models: dict) -> list[str]:
         if dup:
             parts = ", ".join(f"{r['model']} {r['copy_rate']:.2f}" for r in dup)
             lines.append(f"{key}: copy rate of duplicated rows {parts}")
+    calibrations = {**models.get("calibrations", {}), **mitigation.get("calibrations", {})}
+    untrusted = [k for k, r in calibrations.items() if r["status"] in ("few_values", "degenerate")]
+    if untrusted:
+        lines.append(
+            f"calibration not to be trusted: {', '.join(untrusted)} (see the warnings under "
+            "Mitigation)"
+        )
     return lines
 
 

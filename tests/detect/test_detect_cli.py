@@ -104,7 +104,11 @@ def test_two_processes_give_the_single_process_result(
 
 
 def test_similarity_command_matches_generations_to_the_training_set(
-    tiny_model: Path, phantom_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_model: Path,
+    phantom_data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     generations = tmp_path / "gen"
     argv = ["detect", "--model", str(tiny_model), "--dataset", str(phantom_data), *FAST]
@@ -120,6 +124,17 @@ def test_similarity_command_matches_generations_to_the_training_set(
     assert summary["embedder"] == "ncc-64" and 0 <= summary["copy_rate"] <= 1
     assert "test images" in summary["threshold_from"]
     assert "copy threshold" in capsys.readouterr().out
+    assert summary["threshold_calibration"]["num_values"] == 5  # the 5 test images
+    assert summary["threshold_calibration"]["status"] == "few_values"
+    # held-out images that are training images: threshold 1.0, said so, not silently
+    with caplog.at_level(logging.WARNING, logger="detect"):
+        assert main([*argv, "--heldout_split", "train", "--output_dir", str(out / "same")]) == 0
+    calibration = json.loads((out / "same" / "summary.json").read_text())["threshold_calibration"]
+    assert calibration["status"] == "degenerate" and calibration["value"] == pytest.approx(1.0)
+    assert "nothing is ever a copy" in caplog.text and "--copy_threshold" in caplog.text
+    assert main([*argv, "--copy_threshold", "0.9", "--output_dir", str(out / "given")]) == 0
+    summary = json.loads((out / "given" / "summary.json").read_text())
+    assert summary["threshold"] == 0.9 and summary["threshold_calibration"]["status"] == "given"
     # a training image given as a "generation" is a copy of itself
     from hf_datasets.storage import load_dataset_dir
 
@@ -146,6 +161,8 @@ def test_neurons_command_localizes_and_caches_the_reference(
     assert len(per_prompt) == 2 and (per_prompt["label"] == 1).all()
     saved = json.loads((out / "neurons.json").read_text())
     assert saved["reference_from_cache"] is False and 0 < saved["tau_mem"] <= 1
+    calibration = saved["tau_mem_calibration"]  # on the test split's few prompts: said so
+    assert calibration["status"] == "few_values" and "--num_reference" in calibration["warning"]
     assert main(argv) == 0
     assert json.loads((out / "neurons.json").read_text())["reference_from_cache"] is True
 

@@ -240,10 +240,10 @@ def test_threshold_is_mean_plus_std_of_max_pairwise_ssim(pipe) -> None:
         expected.append(float(values.max()))
     got = max_pairwise_similarities(pipe, prompts, config)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-    tau = calibrate_threshold(pipe, prompts, config)
+    tau = calibrate_threshold(pipe, prompts, config).value
     assert tau == pytest.approx(np.mean(expected) + np.std(expected, ddof=1), rel=1e-4)
     later = dataclasses.replace(config, noise_step_index=1)  # the public code's timestep
-    assert calibrate_threshold(pipe, prompts, later) != pytest.approx(tau, rel=1e-3)
+    assert calibrate_threshold(pipe, prompts, later).value != pytest.approx(tau, rel=1e-3)
 
 
 def test_planted_neuron_is_found_by_selection_and_refinement(planted) -> None:

@@ -277,9 +277,9 @@ def test_threshold_is_the_percentile_of_heldout_nearest_similarity() -> None:
     heldout = np.stack([c, np.sqrt(1 - c**2)], axis=1).astype(np.float32)
     bank = np.array([[1.0, 0.0]], dtype=np.float32)
     # position 0.95 * 9 = 8.55 between 0.9 and 1.0
-    assert calibrate_threshold(heldout, bank) == pytest.approx(0.955, abs=1e-6)
-    assert calibrate_threshold(heldout, bank, percentile=50) == pytest.approx(0.55, abs=1e-6)
-    assert calibrate_threshold(heldout, bank, percentile=100) == pytest.approx(1.0, abs=1e-6)
+    assert calibrate_threshold(heldout, bank).value == pytest.approx(0.955, abs=1e-6)
+    assert calibrate_threshold(heldout, bank, percentile=50).value == pytest.approx(0.55, abs=1e-6)
+    assert calibrate_threshold(heldout, bank, percentile=100).value == pytest.approx(1.0, abs=1e-6)
 
 
 def test_threshold_from_heldout_images() -> None:
@@ -288,7 +288,7 @@ def test_threshold_from_heldout_images() -> None:
     bank = TrainingBank.from_images(train, embedder)
     full = similarity_matrix(embedder.embed(heldout), bank.features, embedder)
     expected = np.percentile(full.max(axis=1).astype(np.float64), 90)
-    got = calibrate_threshold(heldout, bank, embedder, percentile=90)
+    got = calibrate_threshold(heldout, bank, embedder, percentile=90).value
     assert got == pytest.approx(expected, abs=1e-6)
 
 

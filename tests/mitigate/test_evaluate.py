@@ -95,7 +95,9 @@ def test_cli_generate_and_evaluate(tiny_model: Path, phantom_data: Path, tmp_pat
     table = pd.read_csv(out / "mitigation.csv")
     assert list(table["group"]) == ["memorized", "ordinary"]
     assert (table["fid"] >= 0).all() and "fidelity" in table
-    assert json.loads((out / "mitigation.json").read_text())["threshold"] > 0
+    saved = json.loads((out / "mitigation.json").read_text())
+    assert saved["threshold"] == saved["threshold_calibration"]["value"] > 0
+    assert saved["threshold_calibration"]["status"] == "few_values"  # 5 held-out images
 
 
 def test_cli_names_what_is_missing(tiny_model: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -200,6 +200,12 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
     assert run["sample_weighting"]["samples_seen"] > 0
     assert run["sample_weighting"]["weighter"]["per_timestep"] is True
     assert "chexmem-findings-cnn" in mitigation["features"]
+    # 2 held-out prompts calibrate tau_mem and the targets: kept, flagged, and in the report
+    calibrations = mitigation["calibrations"]
+    assert set(calibrations) == {"copy_threshold", "detection_flag", "embedding_target", "tau_mem"}
+    assert calibrations["tau_mem"]["status"] == "few_values"
+    assert calibrations["tau_mem"]["value"] == mitigation["nemo"]["tau_mem"]
+    assert "--held_out_prompts" in calibrations["embedding_target"]["warning"]
 
     # the report's numbers are the stages' own
     metrics = json.loads((demo / "metrics.json").read_text())
@@ -211,6 +217,8 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
     markdown = (demo / "report.md").read_text()
     auc = summary["models"]["cfg"]["detection"]["duplicated_vs_held_out"]["score_step1"]["auc"]
     assert f"finetune-cfg: detection AUC {auc:.3f}" in markdown
+    assert "Calibrations on held-out data" in markdown and "Warning: tau_mem" in markdown
+    assert "calibration not to be trusted: " in markdown
     for figure in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
         assert (demo / figure).is_file()
     from tests.helpers import open_in_chromium
