@@ -73,6 +73,11 @@ class TinyModelConfig:
             channels = getattr(self, name)
             if len(channels) < 2 or any(c % GROUPS for c in channels):
                 raise ChexmemError(f"{name} needs >= 2 levels, each a multiple of {GROUPS}")
+        if self.vae_train_steps < 0:
+            raise ChexmemError(
+                f"vae_train_steps must be >= 0 (0 keeps the untrained resampler start), "
+                f"not {self.vae_train_steps}"
+            )
         if min(self.vae_channels) < 3 * GROUPS:
             # init_vae_as_resampler keeps three channels in one normalisation group
             raise ChexmemError(f"vae_channels must each be at least {3 * GROUPS}")
@@ -133,9 +138,9 @@ def make_tiny_pipeline(
         vae = make_vae(config)
     init_vae_as_resampler(vae)
     generator = torch.Generator().manual_seed(config.seed)
-    train_vae(
-        vae, phantom_images(config.vae_num_phantoms, config, stream=0), config, generator, progress
-    )
+    if config.vae_train_steps:  # 0: the resampler start as it is
+        images = phantom_images(config.vae_num_phantoms, config, stream=0)
+        train_vae(vae, images, config, generator, progress)
     held_out = phantom_images(HELD_OUT_IMAGES, config, stream=1)
     std = latent_std(vae, held_out, generator)
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))

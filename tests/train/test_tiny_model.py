@@ -163,3 +163,15 @@ def test_refuses_to_overwrite(tmp_path: Path):
     build_tiny_pipeline(out, TinyModelConfig(**QUICK), progress=False, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model_index.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folders left
+
+
+def test_zero_vae_steps_keep_the_resampler_start_and_negative_is_one_line(tmp_path: Path):
+    out = tmp_path / "untrained"
+    build_tiny_pipeline(out, TinyModelConfig(vae_train_steps=0, vae_num_phantoms=8), False)
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    from tests.helpers import assert_one_line_error, run_chexmem
+
+    bad = tmp_path / "bad"
+    result = run_chexmem("model", "tiny", "--out", str(bad), "--vae_train_steps", "-1")
+    assert_one_line_error(result, "vae_train_steps must be >= 0")
+    assert not bad.exists()
