@@ -12,9 +12,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import pandas as pd
+
+from hf_datasets.errors import ChexmemError
+
+if TYPE_CHECKING:  # the CLI lists detectors without loading torch
+    import torch
+
+
+@dataclass
+class FirstStep:
+    """The pass's first guided DDIM step: x_T and both noise predictions there."""
+
+    latents: torch.Tensor  # x_T, (P * n, c, h, w), float32 on the CPU, generations by prompt
+    eps_uncond: torch.Tensor  # eps(x_T, T, e_0), same shape
+    eps_cond: torch.Tensor  # eps(x_T, T, e_p)
+    timestep: int  # T
 
 
 @dataclass
@@ -27,6 +43,18 @@ class SamplingPass:
     config: Any  # the pass's detect.magnitude.MagnitudeConfig
     table: pd.DataFrame  # m_t per prompt, generation and step (detect.magnitude.TABLE_COLUMNS)
     first_k: int = 1  # `--first_k`: the steps a step-averaged score reads
+    first_step: FirstStep | None = None  # kept when a detector `needs_first_step`
+
+    def first(self) -> FirstStep:
+        """The first step, which the pass must have kept."""
+        if self.first_step is None:
+            raise ChexmemError("this detector needs the pass's first step: keep_first_step=True")
+        return self.first_step
+
+    def by_prompt(self, values: torch.Tensor | np.ndarray) -> pd.Series:
+        """Per-generation values (P * n, generations grouped by prompt) averaged per prompt."""
+        array = np.asarray(values, dtype=np.float64).reshape(len(self.prompt_ids), -1)
+        return pd.Series(array.mean(axis=1), index=pd.Index(self.prompt_ids, name="prompt_id"))
 
 
 class Detector:
@@ -35,6 +63,7 @@ class Detector:
     name: ClassVar[str]  # the registry's and the CLI's name
     title: ClassVar[str]  # what the report calls it, with its source
     summary: ClassVar[str]  # one line for `--help` and the report
+    needs_first_step: ClassVar[bool] = False  # reads SamplingPass.first_step
 
     def score(self, run: SamplingPass) -> pd.DataFrame:
         """Score columns (``score_*``) indexed by prompt id, for the pass's prompts."""

@@ -154,9 +154,19 @@ def cmd_detect(args: argparse.Namespace) -> None:
     with state.split_between_processes(rows) as shard:
         ids = [int(i) for i, _ in shard]
         texts = [p for _, p in shard]
-        result = noise_magnitudes(pipe, texts, config, prompt_ids=ids, keep_final=args.save_images)
-        shared = SamplingPass(pipe, texts, ids, config, result.table, args.first_k)
-        shard_scores = {d.name: d.score(shared) for d in detectors}
+        keep_first = any(d.needs_first_step for d in detectors)
+        result = noise_magnitudes(
+            pipe, texts, config, ids, keep_final=args.save_images, keep_first_step=keep_first
+        )
+        shared = SamplingPass(
+            pipe, texts, ids, config, result.table, args.first_k, result.first_step
+        )
+        pass_seconds = time.perf_counter() - start
+        shard_scores, own_seconds = {}, {}
+        for detector in detectors:
+            began = time.perf_counter()
+            shard_scores[detector.name] = detector.score(shared)
+            own_seconds[detector.name] = time.perf_counter() - began
     seconds = time.perf_counter() - start
     images = []
     if args.save_images and ids:
@@ -171,6 +181,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
     tables = gather_object([result.table])
     images = gather_object(images)
     parts = gather_object([shard_scores])
+    timings = gather_object([(pass_seconds, own_seconds)])
     if not state.is_main_process:
         return
     table = pd.concat(tables, ignore_index=True).sort_values(["prompt_id", "generation", "step"])
@@ -194,6 +205,11 @@ def cmd_detect(args: argparse.Namespace) -> None:
         "processes": state.num_processes,
         "seconds": round(seconds, 3),
         "seconds_per_prompt": round(seconds / len(prompts), 4),
+        # each detector's cost: the shared pass (slowest process) plus its own calls
+        "detector_seconds_per_prompt": {
+            d.name: round(max(p + own[d.name] for p, own in timings) / len(prompts), 4)
+            for d in detectors
+        },
     }
     if "label" in scores and scores["label"].nunique() == 2:
         summary["detection"] = {

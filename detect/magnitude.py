@@ -29,7 +29,7 @@ from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from detect.base import Detector, SamplingPass
+from detect.base import Detector, FirstStep, SamplingPass
 from hf_datasets.errors import ChexmemError
 
 SEED_STRIDE = 1000  # seed of generation j of prompt i: seed + SEED_STRIDE * i + j
@@ -77,6 +77,7 @@ class MagnitudeResult:
     config: MagnitudeConfig
     latents: list[torch.Tensor] = field(default_factory=list)  # x_t per step, (P*n, c, h, w)
     final_latents: torch.Tensor | None = None  # after the last step run, (P*n, c, h, w)
+    first_step: FirstStep | None = None  # with keep_first_step
 
     def scores(self, first_k: int | None = 1, num_generations: int | None = None) -> pd.Series:
         """Prompt scores (see `prompt_scores`), indexed by prompt id."""
@@ -140,18 +141,41 @@ def guided_step(
     t: torch.Tensor,
     context: torch.Tensor,
     guidance_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One guided DDIM step: (next latents, per-sample magnitude ||eps_c - eps_u||).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One guided DDIM step: (next latents, eps_u, eps_c).
 
     `context` holds the empty prompt's encoder states for every sample, then the prompts'.
     """
     model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
     eps = pipe.unet(model_input, t, context, return_dict=False)[0]
     eps_u, eps_c = eps.chunk(2)
-    difference = eps_c - eps_u
-    magnitude = difference.float().flatten(1).norm(dim=1)
-    guided = eps_u + guidance_scale * difference
-    return scheduler.step(guided, t, latents, eta=0.0, return_dict=False)[0], magnitude
+    guided = eps_u + guidance_scale * (eps_c - eps_u)
+    return scheduler.step(guided, t, latents, eta=0.0, return_dict=False)[0], eps_u, eps_c
+
+
+def prompt_contexts(pipe: Any, prompts: Sequence[str], num_generations: int) -> torch.Tensor:
+    """Encoder states of the empty prompt for every generation, then of its prompt: (2 P n, ...)."""
+    cond = encode_prompts(pipe, prompts).repeat_interleave(num_generations, dim=0)
+    return torch.cat([encode_prompts(pipe, [""]).expand(len(cond), -1, -1), cond])
+
+
+def both_branches(
+    unet: Any, latents: torch.Tensor, t: int | torch.Tensor, contexts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """eps(x, t, e_0) and eps(x, t, e_p) of a batch, in one UNet call (`prompt_contexts` rows)."""
+    eps = unet(torch.cat([latents, latents]), t, contexts, return_dict=False)[0]
+    return eps.chunk(2)
+
+
+def batch_contexts(contexts: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """The `prompt_contexts` rows of generations start..stop-1."""
+    half = len(contexts) // 2
+    return torch.cat([contexts[start:stop], contexts[half + start : half + stop]])
+
+
+def magnitude_of(eps_u: torch.Tensor, eps_c: torch.Tensor) -> torch.Tensor:
+    """Per-sample m_t = ||eps_c - eps_u|| over the whole latent."""
+    return (eps_c - eps_u).float().flatten(1).norm(dim=1)
 
 
 @torch.no_grad()
@@ -162,6 +186,7 @@ def noise_magnitudes(
     prompt_ids: Sequence[int] | None = None,
     keep_latents: bool = False,
     keep_final: bool = False,
+    keep_first_step: bool = False,
     prompt_embeds: torch.Tensor | None = None,
     step_context: StepContext | None = None,
 ) -> MagnitudeResult:
@@ -171,9 +196,11 @@ def noise_magnitudes(
     ``text_encoder``, ``tokenizer``, ``scheduler`` and ``vae_scale_factor``). `prompt_ids`
     are the prompts' indices in the whole prompt list (they fix the seeds); by default
     0..P-1. With `keep_final` the latents after the last step are kept (to decode them),
-    with `keep_latents` also the x_t of every step. `prompt_embeds` (P, tokens, dim), if
-    given, replaces the encoded prompts (mitigations that adjust e_p); `step_context(step, t)`
-    returns a context manager held around each step's UNet call (hooks for the first steps).
+    with `keep_latents` also the x_t of every step, with `keep_first_step` x_T and both noise
+    predictions of the first step (`detect.base.FirstStep`, for the detectors that read it).
+    `prompt_embeds` (P, tokens, dim), if given, replaces the encoded prompts (mitigations
+    that adjust e_p); `step_context(step, t)` returns a context manager held around each
+    step's UNet call (hooks for the first steps).
     """
     config = config or MagnitudeConfig()
     prompts = list(prompts)
@@ -196,6 +223,7 @@ def noise_magnitudes(
     total = len(seeds)
     magnitudes = np.zeros((total, len(timesteps)), dtype=np.float64)
     kept_steps: list[list[torch.Tensor]] = [[] for _ in timesteps]
+    first: tuple[list[torch.Tensor], ...] = ([], [], [])  # x_T, eps_u, eps_c per batch
     finals = []
     batches = range(0, total, config.batch_size)
     bar = tqdm(
@@ -208,11 +236,15 @@ def noise_magnitudes(
         for step, t in enumerate(timesteps):
             if keep_latents:
                 kept_steps[step].append(latents.cpu())
+            x_t = latents
             with step_context(step, t) if step_context else nullcontext():
-                latents, magnitude = guided_step(
+                latents, eps_u, eps_c = guided_step(
                     pipe, scheduler, latents, t, context, config.guidance_scale
                 )
-            magnitudes[start:stop, step] = magnitude.cpu().numpy()
+            magnitudes[start:stop, step] = magnitude_of(eps_u, eps_c).cpu().numpy()
+            if keep_first_step and step == 0:
+                for kept, value in zip(first, (x_t, eps_u, eps_c), strict=True):
+                    kept.append(value.float().cpu())
             bar.update(1)
         if keep_latents or keep_final:
             finals.append(latents.cpu())
@@ -223,6 +255,9 @@ def noise_magnitudes(
         result.latents = [torch.cat(step) for step in kept_steps]
     if finals:
         result.final_latents = torch.cat(finals)
+    if keep_first_step:
+        x_T, eps_u, eps_c = (torch.cat(parts) for parts in first)
+        result.first_step = FirstStep(x_T, eps_u, eps_c, int(timesteps[0]))
     return result
 
 

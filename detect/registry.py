@@ -11,6 +11,9 @@ from hf_datasets.registry import registered_class
 # name -> "module:Class"; imported on first use
 DETECTORS = {
     "magnitude": "detect.magnitude:NoiseMagnitude",
+    "sharpness": "detect.sharpness:Sharpness",
+    "anisotropy": "detect.anisotropy:Anisotropy",
+    "seed_consistency": "detect.seed_consistency:SeedConsistency",
 }
 
 

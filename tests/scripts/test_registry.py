@@ -61,9 +61,9 @@ def test_a_toy_detector_is_one_file_and_one_line(tmp_path: Path) -> None:
     assert where.stdout.strip() == str(root / "detect" / "toy.py")
 
     detect_help = chexmem(root, "detect", "--help")
-    assert detect_help.returncode == 0 and "magnitude, toy" in detect_help.stdout
+    assert detect_help.returncode == 0 and "seed_consistency, toy" in detect_help.stdout
     demo_help = chexmem(root, "demo", "--help")
-    assert "magnitude, toy" in " ".join(demo_help.stdout.split())
+    assert "seed_consistency, toy" in " ".join(demo_help.stdout.split())
 
     out = tmp_path / "study"
     study = chexmem(root, "demo", "--output_dir", str(out), *DEMO_FLAGS, "--skip_mitigation",
