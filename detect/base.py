@@ -64,6 +64,12 @@ class Detector:
     title: ClassVar[str]  # what the report calls it, with its source
     summary: ClassVar[str]  # one line for `--help` and the report
     needs_first_step: ClassVar[bool] = False  # reads SamplingPass.first_step
+    primary: ClassVar[str | None] = None  # the column a study validates (None: the first)
+
+    @classmethod
+    def headline(cls, columns: list[str]) -> str:
+        """Which of its study columns stands for the detector in tables and comparisons."""
+        return cls.primary if cls.primary in columns else columns[0]
 
     def score(self, run: SamplingPass) -> pd.DataFrame:
         """Score columns (``score_*``) indexed by prompt id, for the pass's prompts."""

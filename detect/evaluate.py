@@ -1,4 +1,5 @@
-"""How good is a detector: ROC AUC, TPR at 1% FPR, ROC points, rank correlations with CIs.
+"""How good is a detector: ROC AUC with its interval, TPR at 1% FPR, ROC points, rank
+correlations with CIs.
 
 Labels are 1 for memorized (positive) and 0 for not; higher scores mean "more likely
 memorized". TPR@FPR follows the convention of Wen et al.'s evaluation: on the ROC curve
@@ -34,6 +35,8 @@ class Detection:
     tpr_at_1pct_fpr: float
     positives: int
     negatives: int
+    auc_low: float = float("nan")  # 95% stratified percentile-bootstrap interval of the AUC
+    auc_high: float = float("nan")
 
     def to_dict(self) -> dict[str, float | int]:
         """Plain mapping for JSON."""
@@ -102,14 +105,40 @@ def tpr_at_fpr(labels: Sequence[int], scores: Sequence[float], target: float = 0
     return float(curve.tpr[curve.fpr < target].max())
 
 
-def detection(labels: Sequence[int], scores: Sequence[float]) -> Detection:
-    """AUC and TPR@1%FPR together."""
+def auc_interval(
+    labels: Sequence[int],
+    scores: Sequence[float],
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the AUC, positives and negatives resampled apart."""
+    y, s = _check(labels, scores)
+    rng = np.random.default_rng(seed)
+    positives, negatives = s[y == 1], s[y == 0]
+    pos = positives[rng.integers(0, len(positives), size=(n_boot, len(positives)))]
+    neg = negatives[rng.integers(0, len(negatives), size=(n_boot, len(negatives)))]
+    ranks = stats.rankdata(np.concatenate([pos, neg], axis=1), axis=1)
+    p, n = len(positives), len(negatives)
+    boot = (ranks[:, :p].sum(axis=1) - p * (p + 1) / 2) / (p * n)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(boot, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def detection(
+    labels: Sequence[int], scores: Sequence[float], n_boot: int = 2000, seed: int = 0
+) -> Detection:
+    """AUC with its 95% bootstrap interval, and TPR@1%FPR."""
     y, _ = _check(labels, scores)
+    low, high = auc_interval(labels, scores, n_boot, seed=seed)
     return Detection(
         auc=roc_auc(labels, scores),
         tpr_at_1pct_fpr=tpr_at_fpr(labels, scores, 0.01),
         positives=int(y.sum()),
         negatives=int(len(y) - y.sum()),
+        auc_low=low,
+        auc_high=high,
     )
 
 

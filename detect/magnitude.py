@@ -299,6 +299,7 @@ class NoiseMagnitude(Detector):
     name = "magnitude"
     title = "text-conditional noise magnitude (Wen et al., ICLR 2024)"
     summary = "||eps(x_t, e_p) - eps(x_t, e_0)|| along the guided trajectory, mean of n seeds"
+    primary = "score_step1"  # Wen et al.'s step-1 score with every generation
 
     def score(self, run: SamplingPass) -> pd.DataFrame:
         """Step 1, the first k steps (when k > 1) and all steps run."""

@@ -101,8 +101,9 @@ class StudyConfig:
     )
     # detection
     detectors: list[str] = setting(
-        ["magnitude"],
-        f"memorization detectors scored side by side ({', '.join(DETECTORS)}; magnitude always)",
+        list(DETECTORS),
+        f"memorization detectors scored side by side ({', '.join(DETECTORS)}; default: all; "
+        "magnitude always)",
     )
     # 20 + 20 (not 30 + 30) keeps the demo within 20 minutes on 2 cores; 80 generations of
     # ordinary prompts still give FID full-rank covariances of the 64-d features

@@ -27,7 +27,7 @@ import pandas as pd
 from PIL import Image
 
 from detect.cli import write_json
-from detect.evaluate import correlation, detection, roc_curve
+from detect.evaluate import correlation, detection, roc_auc, roc_curve
 from detect.plots import roc_plot, scatter_plot
 from detect.registry import detector_class
 from detect.similarity import ncc_features, nearest
@@ -156,7 +156,8 @@ def detection_prompts(data: Path, config: StudyConfig) -> pd.DataFrame:
     """Prompts to validate the detector on, each with its group and its training row.
 
     Groups: every duplicated training prompt (label 1), a seeded sample of ordinary
-    (non-duplicated) training prompts, and held-out (validation, then test) prompts.
+    (non-duplicated) training prompts, and held-out (validation, then test) prompts;
+    `copies`: how often the prompt's image is in the training set (0 for held-out).
     """
     dataset = load_dataset_dir(data)
     train = dataset["train"]
@@ -168,11 +169,11 @@ def detection_prompts(data: Path, config: StudyConfig) -> pd.DataFrame:
     ordinary = [i for i in first.values() if copies[i] == 1]
     rng = np.random.default_rng(config.seed)
     ordinary = sorted(rng.choice(ordinary, min(config.ordinary_prompts, len(ordinary)), False))
-    rows = [(prompts[i], "duplicated", 1, i) for i in duplicated]
-    rows += [(prompts[i], "ordinary", 0, int(i)) for i in ordinary]
+    rows = [(prompts[i], "duplicated", 1, i, copies[i]) for i in duplicated]
+    rows += [(prompts[i], "ordinary", 0, int(i), 1) for i in ordinary]
     held_out = [*dataset["validation"]["prompt"], *dataset["test"]["prompt"]]
-    rows += [(p, "held_out", 0, -1) for p in held_out[: config.held_out_prompts]]
-    return pd.DataFrame(rows, columns=["prompt", "group", "label", "train_index"])
+    rows += [(p, "held_out", 0, -1, 0) for p in held_out[: config.held_out_prompts]]
+    return pd.DataFrame(rows, columns=["prompt", "group", "label", "train_index", "copies"])
 
 
 def detect_flags(config: StudyConfig, model: Path, prompts: Path, guidance: float, out: Path):
@@ -241,6 +242,46 @@ def evaluate_detection(frame: pd.DataFrame, scores: list[str]) -> dict:
     return out
 
 
+def detector_figures(
+    frame: pd.DataFrame, columns: dict[str, list[str]], seconds: dict[str, float]
+) -> dict[str, dict]:
+    """Each detector's headline score validated: AUC (duplicated vs held-out) with its
+    interval, TPR@1%FPR, AUC per copy count, Spearman with copies and copy similarity."""
+    duplicated = frame[frame["group"] == "duplicated"]
+    held_out = frame[frame["group"] == "held_out"]
+    out = {}
+    for name, names in columns.items():
+        column = detector_class(name).headline(names)
+        labels = np.r_[np.ones(len(duplicated)), np.zeros(len(held_out))]
+        found = detection(labels, np.r_[duplicated[column], held_out[column]])
+        by_copies = {
+            str(k): roc_auc(
+                np.r_[np.ones(len(g)), np.zeros(len(held_out))], np.r_[g[column], held_out[column]]
+            )
+            for k, g in duplicated.groupby("copies")
+        }
+        rho_copies = correlation(frame[column], frame["copies"])
+        rho_similarity = correlation(frame[column], frame["copy_similarity"])
+        out[name] = {
+            "score": column,
+            "auc": found.auc,
+            "auc_low": found.auc_low,
+            "auc_high": found.auc_high,
+            "tpr_at_1pct_fpr": found.tpr_at_1pct_fpr,
+            "positives": found.positives,
+            "negatives": found.negatives,
+            "spearman_copies": rho_copies.value,
+            "spearman_copies_low": rho_copies.low,
+            "spearman_copies_high": rho_copies.high,
+            "spearman_similarity": rho_similarity.value,
+            "spearman_similarity_low": rho_similarity.low,
+            "spearman_similarity_high": rho_similarity.high,
+            "seconds_per_prompt": seconds.get(name),
+            "by_copies": by_copies,
+        }
+    return out
+
+
 def copy_grid(
     frame: pd.DataFrame,
     images: pd.DataFrame,
@@ -288,10 +329,13 @@ def evaluate_detect_runs(
         frame["copy_similarity"] = per_prompt["nearest_similarity"].mean()
         frame["max_copy_similarity"] = per_prompt["nearest_similarity"].max()
         frame.to_csv(out / f"detect_{name}_prompts.csv", index=False)
+        run_summary = json.loads((run / "summary.json").read_text())
+        seconds = run_summary.get("detector_seconds_per_prompt", {})
         result = {
             "guidance_scale": guidance,
-            "seconds": json.loads((run / "summary.json").read_text())["seconds"],
-            "detectors": columns,
+            "seconds": run_summary["seconds"],
+            "detector_columns": columns,
+            "detectors": detector_figures(frame, columns, seconds),
             "detection": evaluate_detection(frame, scores),
             "copy_similarity_by_group": {
                 group: {

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from detect.evaluate import correlation, detection, roc_auc, roc_curve, tpr_at_fpr
+from detect.evaluate import auc_interval, correlation, detection, roc_auc, roc_curve, tpr_at_fpr
 from hf_datasets.errors import ChexmemError
 
 
@@ -66,3 +66,26 @@ def test_correlations_with_bootstrap_intervals() -> None:
 def test_bad_input_is_one_clear_error(labels, scores, message) -> None:
     with pytest.raises(ChexmemError, match=message):
         detection(labels, scores)
+
+
+def test_auc_interval_is_the_stratified_bootstrap_recomputed_draw_by_draw() -> None:
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.ones(12, int), np.zeros(30, int)]
+    scores = np.r_[rng.normal(1.0, 1.0, 12), rng.normal(0.0, 1.0, 30)]
+    low, high = auc_interval(labels, scores, n_boot=300, seed=4)
+    draws = np.random.default_rng(4)
+    positives, negatives = scores[:12], scores[12:]
+    pos = draws.integers(0, 12, size=(300, 12))
+    neg = draws.integers(0, 30, size=(300, 30))
+    boot = [
+        roc_auc(labels, np.r_[positives[p], negatives[n]]) for p, n in zip(pos, neg, strict=True)
+    ]
+    assert (low, high) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])))
+    assert low < roc_auc(labels, scores) < high
+    result = detection(labels, scores)
+    assert result.auc_low < result.auc < result.auc_high <= 1.0
+    # more positives and negatives of the same separation: a narrower interval
+    many = np.r_[np.ones(120, int), np.zeros(300, int)]
+    wide = np.r_[rng.normal(1.0, 1.0, 120), rng.normal(0.0, 1.0, 300)]
+    narrow_low, narrow_high = auc_interval(many, wide)
+    assert narrow_high - narrow_low < high - low

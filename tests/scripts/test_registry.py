@@ -61,9 +61,10 @@ def test_a_toy_detector_is_one_file_and_one_line(tmp_path: Path) -> None:
     assert where.stdout.strip() == str(root / "detect" / "toy.py")
 
     detect_help = chexmem(root, "detect", "--help")
-    assert detect_help.returncode == 0 and "seed_consistency, toy" in detect_help.stdout
+    assert detect_help.returncode == 0
+    assert "magnitude, toy" in " ".join(detect_help.stdout.split())
     demo_help = chexmem(root, "demo", "--help")
-    assert "seed_consistency, toy" in " ".join(demo_help.stdout.split())
+    assert "magnitude, toy" in " ".join(demo_help.stdout.split())
 
     out = tmp_path / "study"
     study = chexmem(root, "demo", "--output_dir", str(out), *DEMO_FLAGS, "--skip_mitigation",
@@ -73,7 +74,9 @@ def test_a_toy_detector_is_one_file_and_one_line(tmp_path: Path) -> None:
     assert {"score_first_1", "score_all_steps", "score_toy"} <= set(scores)
     detection = json.loads((out / "detection.json").read_text())
     for model in detection["models"].values():
-        assert model["detectors"]["toy"] == ["score_toy"]
+        assert model["detector_columns"]["toy"] == ["score_toy"]
+        figures = model["detectors"]["toy"]
+        assert figures["score"] == "score_toy" and figures["auc_low"] <= figures["auc"]
         auc = model["detection"]["duplicated_vs_held_out"]["score_toy"]["auc"]
         assert 0 <= auc <= 1
     report = (out / "report.md").read_text()
