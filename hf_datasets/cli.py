@@ -291,13 +291,17 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         "--num_rows",
         type=int,
         default=10,
-        help="how many training rows to repeat (default: %(default)s)",
+        help="how many training rows to repeat, at each copy count (default: %(default)s)",
     )
     p.add_argument(
         "--copies",
         type=int,
-        default=10,
-        help="appearances of each chosen row in total, original included (default: %(default)s)",
+        nargs="+",
+        default=[10],
+        metavar="N",
+        help="appearances of each chosen row in total, original included; several counts "
+        "(e.g. 2 5 10 20) give --num_rows rows at each, a dose-response ground truth "
+        "(default: 10)",
     )
     p.add_argument("--counts", help="JSON file {row_index: copies} instead of --num_rows/--copies")
     p.add_argument(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from datasets import Dataset, DatasetDict, concatenate_datasets
@@ -36,25 +36,39 @@ def duplicate_rows(train: Dataset, counts: Mapping[int, int]) -> Dataset:
     return concatenate_datasets([marked, marked.select(extra)])
 
 
+def dose_counts(num_train: int, num_rows: int, copies: Sequence[int], seed: int) -> dict[int, int]:
+    """`num_rows` distinct rows at each copy count (a dose-response design), drawn by seed."""
+    copies = [int(c) for c in copies]
+    if not copies or min(copies) < 1:
+        raise ChexmemError(f"copies must be at least 1, got {copies}")
+    if len(set(copies)) != len(copies):
+        raise ChexmemError(f"copy counts must differ from each other, got {copies}")
+    rows = choose_rows(num_train, num_rows * len(copies), seed)
+    # the draw order, not the sorted order, decides each row's dose
+    order = np.random.default_rng(seed + 1).permutation(rows)
+    return {int(row): copies[k // num_rows] for k, row in enumerate(order)}
+
+
 def inject_duplicates(
     dataset: DatasetDict,
     *,
     num_rows: int = 0,
-    copies: int = 1,
+    copies: int | Sequence[int] = 1,
     counts: Mapping[int, int] | None = None,
     seed: int = 0,
 ) -> DatasetDict:
     """Repeat `num_rows` training rows `copies` times each (or per-row `counts`).
 
-    Only the train split changes; validation and test never get duplicates. The `copies`
-    column of every row says how many times its image appears in the training set.
+    With several `copies` (e.g. 2, 5, 10, 20), `num_rows` rows get each count: a dose-response
+    ground truth. Only the train split changes; validation and test never get duplicates.
+    The `copies` column of every row says how many times its image appears in the training
+    set.
     """
     if "train" not in dataset:
         raise ChexmemError("duplicate injection needs a 'train' split")
     if counts is None:
-        if copies < 1:
-            raise ChexmemError(f"copies must be at least 1, got {copies}")
-        counts = {i: copies for i in choose_rows(len(dataset["train"]), num_rows, seed)}
+        doses = [copies] if isinstance(copies, int) else list(copies)
+        counts = dose_counts(len(dataset["train"]), num_rows, doses, seed)
     train = duplicate_rows(dataset["train"], counts)
     repeated = sum(1 for c in counts.values() if c > 1)
     note = (

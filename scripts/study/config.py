@@ -58,7 +58,11 @@ class StudyConfig:
     max_studies_per_patient: int = setting(3, "phantom: at most this many studies per patient")
     resolution: int = setting(64, "image side in pixels (data, tiny model and generations)")
     duplicated_rows: int = setting(10, "training rows whose image is duplicated (ground truth)")
-    copies: int = setting(15, "copies of each duplicated row in the training split")
+    copies: list[int] = setting(
+        [15],
+        "copies of each duplicated row in the training split; several counts (e.g. 2 5 10 20) "
+        "put duplicated_rows rows at each (a dose-response ground truth)",
+    )
     # base model: "tiny" (built offline) or a diffusers pipeline (Hub id or folder)
     base_model: str = setting(
         "tiny", "'tiny' (built offline) or a diffusers pipeline: Hub id or local folder"
@@ -164,8 +168,18 @@ class StudyConfig:
             raise ChexmemError(f"unknown detectors {unknown}; choose from {', '.join(DETECTORS)}")
         if "magnitude" not in self.detectors:  # its step-1 score flags prompts for mitigation
             raise ChexmemError("detectors must include magnitude (the study flags prompts by it)")
+        if isinstance(self.copies, int):  # `copies: 15` in a YAML file
+            self.copies = [self.copies]
         if self.max_parallel < 0:
             raise ChexmemError("max_parallel must be >= 0 (0: one process per CPU core)")
+
+    @property
+    def duplicates(self) -> str:
+        """The injected duplicates in words."""
+        if len(self.copies) == 1:
+            return f"{self.duplicated_rows} rows x {self.copies[0]} copies"
+        counts = ", ".join(str(c) for c in self.copies)
+        return f"{self.duplicated_rows} rows at each of {counts} copies"
 
     @property
     def out(self) -> Path:

@@ -69,8 +69,7 @@ def plan(config: StudyConfig) -> list[Job]:
             [],
             pick(config, DATA_FIELDS),
             run=partial(stages.run_data_stage, config),
-            describe=f"{config.data_source} data, {config.duplicated_rows} rows x "
-            f"{config.copies} copies injected",
+            describe=f"{config.data_source} data, {config.duplicates} injected",
         )
     ]
     if config.skip_training:

@@ -41,7 +41,7 @@ def data_name(config: StudyConfig) -> str:
         f"{source} ({config.num_patients} patients)"
         if config.data_source == "phantom"
         else f"{source}"
-    ) + f", {config.duplicated_rows} rows x {config.copies} copies injected, seed {config.seed}"
+    ) + f", {config.duplicates} injected, seed {config.seed}"
 
 
 def fine_tunes(config: StudyConfig) -> pd.DataFrame:
@@ -358,7 +358,7 @@ def write_study_report(config: StudyConfig) -> ReportPaths:
         Figure(
             out / "duplicated_rows.png",
             "The duplicated training rows",
-            f"Each repeated {config.copies} times in the training split.",
+            f"{config.duplicates} in the training split.",
             provenance(config, "n/a", "n/a", "n/a"),
         )
     )
@@ -469,7 +469,7 @@ def dataset_card(config: StudyConfig, metrics: dict) -> str:
     return (
         f"---\ntags: [chest-x-ray, chexmem, memorization]\n---\n\n# Data of the chexmem study "
         f"{config.name}\n\n{note}\n\nDuplicates injected on purpose (the detector's ground "
-        f"truth): {config.duplicated_rows} training rows repeated {config.copies} times. Splits "
+        f"truth): {config.duplicates} in the training split. Splits "
         f"are by patient. Settings: `{settings}`.\n"
     )
 

@@ -70,3 +70,26 @@ def test_duplicated_rows_lists_each_repeated_image_once(small_dataset) -> None:
     assert len(first) == 3 and len(set(paths)) == 3
     assert all(train["copies"][i] == 4 for i in first)
     assert duplicated_rows(small_dataset["train"]) == []
+
+
+def test_several_copy_counts_give_num_rows_rows_at_each_dose(small_dataset) -> None:
+    train = inject_duplicates(small_dataset, num_rows=2, copies=[2, 3, 5], seed=3)["train"]
+    appearances = Counter(train["source_path"])
+    doses = Counter(n for n in appearances.values() if n > 1)
+    assert doses == {2: 2, 3: 2, 5: 2}  # 2 distinct rows at each count
+    assert len(train) == len(small_dataset["train"]) + 2 * (1 + 2 + 4)
+    for path, copies in zip(train["source_path"], train["copies"], strict=True):
+        assert copies == appearances[path]
+    # one count: the same rows as before the dose design, so earlier studies do not move
+    from hf_datasets.duplicates import choose_rows
+
+    single = inject_duplicates(small_dataset, num_rows=3, copies=[4], seed=1)["train"]
+    rows = choose_rows(len(small_dataset["train"]), 3, 1)
+    original = small_dataset["train"]["source_path"]
+    assert {p for p, n in Counter(single["source_path"]).items() if n > 1} == {
+        original[i] for i in rows
+    }
+    with pytest.raises(ChexmemError, match="must differ"):
+        inject_duplicates(small_dataset, num_rows=1, copies=[2, 2])
+    with pytest.raises(ChexmemError, match="cannot duplicate 15 rows"):
+        inject_duplicates(small_dataset, num_rows=5, copies=[2, 3, 4])

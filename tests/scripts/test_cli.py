@@ -39,12 +39,13 @@ def test_phantom_duplicate_show_pipeline(
                 "2",
                 "--copies",
                 "3",
+                "2",
             ]
         )
         == 0
     )
     train = load_dataset_dir(dup)["train"]
-    assert sorted(c for c in train["copies"] if c > 1) == [3] * 6
+    assert sorted(c for c in train["copies"] if c > 1) == [2] * 4 + [3] * 6  # 2 rows per dose
     grid = tmp_path / "grid.png"
     assert (
         main(["data", "show", "--dataset", str(dup), "--duplicated_only", "--out", str(grid)]) == 0
