@@ -99,6 +99,7 @@ def generate(
     mitigation: Mitigation | None = None,
     prompt_ids: Sequence[int] | None = None,
     keep_final: bool = True,
+    keep_first_step: bool = False,
 ) -> MitigatedResult:
     """Generate every prompt x generation with `mitigation` applied (None: unmitigated)."""
     config = config or MagnitudeConfig()
@@ -115,6 +116,7 @@ def generate(
             config,
             ids,
             keep_final=keep_final,
+            keep_first_step=keep_first_step,
             prompt_embeds=embeds,
             step_context=lambda step, t: mitigation.step(pipe, step, t),
         )

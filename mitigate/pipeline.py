@@ -12,6 +12,7 @@ an object, on the same seeds.
     pipe = CxrMemPipeline.from_pretrained("runs/full-cfg")
     out = pipe("Frontal PA chest radiograph of a 52-year-old woman.", num_images_per_prompt=4)
     out.images, out.scores, out.magnitudes  # PIL images, {prompt: score}, tidy table
+    pipe(prompt, detectors=["magnitude", "sharpness"]).detector_scores  # one column each
     pipe(prompt, mitigation="attention_scaling")  # or EmbeddingAdjustment(target=...), ...
 
 diffusers' own loader finds this file too (it then asks for ``trust_remote_code=True``,
@@ -23,6 +24,7 @@ even for a local file, because it imports the file as a module):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,11 @@ import pandas as pd
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from detect.base import SamplingPass
 from detect.magnitude import MagnitudeConfig, MagnitudeResult, decode_latents, noise_magnitudes
+from detect.registry import make_detectors
 from detect.tokens import TokenConfig, TokenSignificance, token_significance
+from hf_datasets.errors import ChexmemError
 from mitigate.base import Mitigation, generate
 from mitigate.registry import make_mitigation
 
@@ -48,6 +53,7 @@ class CxrMemPipelineOutput(BaseOutput):
     scores: dict[str, float]
     prompts: list[str] | None = None  # as fed to the text encoder (after a mitigation's rewrite)
     mitigation: dict[str, Any] | None = None
+    detector_scores: pd.DataFrame | None = None  # one row per prompt, each detector's columns
 
 
 class CxrMemPipeline(StableDiffusionPipeline):
@@ -66,11 +72,22 @@ class CxrMemPipeline(StableDiffusionPipeline):
         output_type: str = "pil",
         batch_size: int = 32,
         mitigation: Mitigation | str | None = None,
+        detectors: Sequence[str] = ("magnitude",),
     ) -> CxrMemPipelineOutput:
-        """Generate, measuring m_t at every step; a prompt's score averages `score_steps`."""
+        """Generate, measuring m_t at every step; a prompt's score averages `score_steps`.
+
+        `detectors` (names of `detect.registry`) fill `detector_scores` from the same pass;
+        any but the magnitude needs an unmitigated run (they score the prompts as written).
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(mitigation, str):
             mitigation = make_mitigation(mitigation)
+        chosen = make_detectors(list(detectors))
+        if mitigation is not None and any(d.name != "magnitude" for d in chosen):
+            raise ChexmemError(
+                "detectors other than magnitude score the prompts as written: ask for them "
+                "without a mitigation"
+            )
         mitigated = generate(
             self,
             prompts,
@@ -85,8 +102,13 @@ class CxrMemPipeline(StableDiffusionPipeline):
                 progress=False,
             ),
             mitigation,
+            keep_first_step=any(d.needs_first_step for d in chosen),
         )
         result = mitigated.result
+        run = SamplingPass(self, prompts, result.prompt_ids, result.config, result.table,
+                           score_steps, result.first_step)  # fmt: skip
+        table = pd.concat([d.score(run) for d in chosen], axis=1)
+        table.insert(0, "prompt", prompts)
         latents = result.final_latents
         images: list[Any] = (
             list(latents) if output_type == "latent" else decode_latents(self, latents, batch_size)
@@ -98,6 +120,7 @@ class CxrMemPipeline(StableDiffusionPipeline):
             scores={p: float(scores[i]) for i, p in zip(result.prompt_ids, prompts, strict=True)},
             prompts=mitigated.prompts,
             mitigation=mitigated.mitigation,
+            detector_scores=table.reset_index(),
         )
 
     def detect(

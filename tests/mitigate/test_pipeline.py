@@ -83,3 +83,29 @@ def test_mitigation_by_name_and_unknown_name(pipe: CxrMemPipeline) -> None:
     assert none.mitigation == {"method": "none"} and none.scores == plain.scores
     with pytest.raises(ChexmemError, match="unknown mitigation"):
         pipe(PROMPTS[0], num_inference_steps=2, mitigation="nope")
+
+
+def test_every_detector_asked_for_is_scored_from_the_same_pass(pipe: CxrMemPipeline) -> None:
+    from detect.base import SamplingPass
+    from detect.sharpness import Sharpness
+    from hf_datasets.errors import ChexmemError
+
+    names = ["magnitude", "sharpness", "anisotropy", "seed_consistency"]
+    out = pipe(PROMPTS, num_images_per_prompt=2, num_inference_steps=3, detectors=names)
+    table = out.detector_scores
+    assert list(table["prompt"]) == PROMPTS
+    assert {
+        "score_first_1",
+        "score_sharpness",
+        "score_anisotropy",
+        "score_seed_consistency",
+    } <= set(table.columns)
+    assert table["score_first_1"].tolist() == pytest.approx([out.scores[p] for p in PROMPTS])
+    config = MagnitudeConfig(num_inference_steps=3, num_generations=2, progress=False)
+    alone = noise_magnitudes(pipe, PROMPTS, config, keep_first_step=True)
+    run = SamplingPass(pipe, PROMPTS, [0, 1], config, alone.table, 1, alone.first_step)
+    expected = Sharpness().score(run)["score_sharpness"]
+    assert table["score_sharpness"].tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    with pytest.raises(ChexmemError, match="without a mitigation"):
+        pipe(PROMPTS, num_images_per_prompt=2, num_inference_steps=3,
+             mitigation="random_tokens", detectors=names)  # fmt: skip
