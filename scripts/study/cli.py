@@ -72,6 +72,14 @@ def add_study_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", nargs="+", default=[], metavar="JOB",
                    help="rerun these jobs and all after them ('all': everything)")  # fmt: skip
     p.add_argument("--dry_run", action="store_true", help="check every job's plan; run nothing")
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        metavar="SEED",
+        help="run the whole study once per seed (OUTPUT_DIR/seed-K) and report the mean and sd "
+        "of every detection figure (default: one study, --seed)",
+    )
     add_config_flag(p)
 
 
@@ -81,7 +89,19 @@ def add_study_commands(subparsers: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> None:
         if args.command == "study" and not args.config:
             raise ChexmemError("chexmem study needs --config FILE (e.g. configs/demo.yaml)")
-        run_study(config_from(args), set(args.force), args.dry_run)
+        config = config_from(args)
+        if not args.seeds:
+            run_study(config, set(args.force), args.dry_run)
+            return
+        from scripts.study.seeds import seed_configs, write_seed_summary
+
+        runs = seed_configs(config, args.seeds)
+        for seed, settings in runs.items():
+            print(f"==== seed {seed}: {settings.out}/")
+            run_study(settings, set(args.force), args.dry_run)
+        if not args.dry_run:
+            write_seed_summary(config, {seed: c.out for seed, c in runs.items()})
+            print(f"== over seeds: {config.out / 'report.html'} (and report.md, metrics.json)")
 
     for name, text in (
         ("study", "run a whole study from a YAML config (configs/*.yaml)"),

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hf_datasets.storage import load_dataset_dir
@@ -254,3 +255,31 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
     assert again.returncode == 0, again.stderr[-3000:]
     assert not re.search(r"^== (?!study finished)", again.stdout, re.MULTILINE)
     assert again.stdout.count(": cached (") == 19
+
+
+def test_seeds_rerun_the_study_per_seed_and_report_the_spread(tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "seeds"
+    result = _demo(out, "--skip_mitigation", "--seeds", "0", "1", "--copies", "2", "4",
+                   "--detectors", "magnitude", "seed_consistency")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {s: json.loads((out / f"seed-{s}" / "detection.json").read_text()) for s in (0, 1)}
+    for seed, detection in runs.items():
+        config = json.loads((out / f"seed-{seed}" / "study_config.json").read_text())
+        assert config["seed"] == seed and config["copies"] == [2, 4]
+        figures = detection["models"]["cfg"]["detectors"]["magnitude"]
+        assert set(figures["by_copies"]) == {"2", "4"}  # 2 rows at each dose
+        assert figures["auc_low"] <= figures["auc"] <= figures["auc_high"]
+    data = [load_dataset_dir(out / f"seed-{s}" / "data")["train"]["source_path"] for s in (0, 1)]
+    assert data[0] != data[1]  # each seed draws its own data
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["seeds"] == [0, 1]
+    rows = {(r["model"], r["detector"], r["figure"]): r for r in metrics["detection_over_seeds"]}
+    auc = rows[("cfg", "magnitude", "auc")]
+    values = [runs[s]["models"]["cfg"]["detectors"]["magnitude"]["auc"] for s in (0, 1)]
+    assert auc["mean"] == pytest.approx(np.mean(values))
+    assert auc["sd"] == pytest.approx(np.std(values, ddof=1))
+    assert ("nocfg", "seed_consistency", "auc_copies_4") in rows
+    report = (out / "report.md").read_text()
+    assert "Detection over seeds" in report and "+-" in report
