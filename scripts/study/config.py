@@ -103,6 +103,11 @@ class StudyConfig:
     subset_preset: str = setting(
         "attention", "`chexmem train --trainable_preset` of the parameter-subset run"
     )
+    finetune_from: str = setting(
+        "base",
+        "where the detection fine-tunes start: base (base_model itself) or pretrained (the base "
+        "first trained pretrain_steps on pretrain_patients other patients, as SD is pretrained)",
+    )
     # detection
     detectors: list[str] = setting(
         list(DETECTORS),
@@ -168,6 +173,12 @@ class StudyConfig:
             raise ChexmemError(f"unknown detectors {unknown}; choose from {', '.join(DETECTORS)}")
         if "magnitude" not in self.detectors:  # its step-1 score flags prompts for mitigation
             raise ChexmemError("detectors must include magnitude (the study flags prompts by it)")
+        if self.finetune_from not in ("base", "pretrained"):
+            raise ChexmemError(
+                f"finetune_from must be base or pretrained, not {self.finetune_from!r}"
+            )
+        if self.finetune_from == "pretrained" and self.pretrain_steps < 1:
+            raise ChexmemError("finetune_from pretrained needs pretrain_steps >= 1")
         if isinstance(self.copies, int):  # `copies: 15` in a YAML file
             self.copies = [self.copies]
         if self.max_parallel < 0:

@@ -94,7 +94,8 @@ def plan(config: StudyConfig) -> list[Job]:
         )
         base, base_needs = out / "tiny-sd", ["model"]
     pretrain = None
-    if not config.skip_mitigation and config.pretrain_steps > 0:
+    from_pretrained = config.finetune_from == "pretrained"
+    if (from_pretrained or not config.skip_mitigation) and config.pretrain_steps > 0:
         pretrain = out / "pretrain-data"
         # patients disjoint from the study's (another seed), without duplicates
         command = [
@@ -118,6 +119,8 @@ def plan(config: StudyConfig) -> list[Job]:
     trains = {}
     for name, run in first.items():
         needs = [*base_needs, "pretrain-data" if name == "pretrained" else "data"]
+        if from_pretrained and name != "pretrained":
+            needs.append("pretrained")
         steps = run.steps or config.max_train_steps
         text = f"{steps} steps, conditioning dropout {run.dropout} {' '.join(run.extra)}"
         trains[name] = train_job(config, name, run, needs, text.strip())
@@ -130,6 +133,8 @@ def plan(config: StudyConfig) -> list[Job]:
              "detect-prompts", "detect-cfg", "detect-eval-cfg", "detect-nocfg",
              "detect-eval-nocfg", "capacity-full", "capacity-lora", "capacity-subset",
              "mitigate-methods", "detection", "mitigate-models"]  # fmt: skip
+    if from_pretrained:  # the fine-tunes start from it
+        order.insert(0, order.pop(order.index("pretrained")))
     everything = {**trains, **detect, **later}
     jobs += [everything[n] for n in order if n in everything]
     names = [j.name for j in jobs]

@@ -125,15 +125,19 @@ def train_flags(config: StudyConfig, run: FineTune, out: Path) -> list[str]:
 def first_round(
     config: StudyConfig, base: Path, data: Path, pretrain_data: Path | None
 ) -> dict[str, FineTune]:
-    """Fine-tunes of the base model: CFG, no CFG, CFG with the filter; and (with pretrain
-    data) the base for capacity control, trained on other phantom patients."""
-    runs = {"finetune-cfg": FineTune(base, data), "finetune-nocfg": FineTune(base, data, 0.0)}
+    """Fine-tunes of the base model (or, with finetune_from pretrained, of the pretrained
+    base): CFG, no CFG, CFG with the filter; and (with pretrain data) the pretrained base,
+    the base trained on other phantom patients."""
+    start = base
+    if config.finetune_from == "pretrained" and pretrain_data is not None:
+        start = Path(config.output_dir) / "pretrained"  # as SD is pretrained, then fine-tuned
+    runs = {"finetune-cfg": FineTune(start, data), "finetune-nocfg": FineTune(start, data, 0.0)}
     if not config.skip_mitigation:
         flags = ["--memorization_filter_top_fraction", str(config.filter_top_fraction)]
         flags.append("--memorization_filter_per_timestep")
-        runs["finetune-cfg-filter"] = FineTune(base, data, extra=flags)
-        if pretrain_data is not None:
-            runs["pretrained"] = FineTune(base, pretrain_data, steps=config.pretrain_steps)
+        runs["finetune-cfg-filter"] = FineTune(start, data, extra=flags)
+    if pretrain_data is not None:
+        runs["pretrained"] = FineTune(base, pretrain_data, steps=config.pretrain_steps)
     return runs
 
 

@@ -52,6 +52,22 @@ def test_the_dry_run_catches_a_bad_option(
     assert main(["study", "--output_dir", str(tmp_path)]) == 2  # study needs --config
 
 
+def test_fine_tunes_can_start_from_the_pretrained_base(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["demo", "--dry_run", "--output_dir", str(tmp_path), "--skip_mitigation"]
+    assert main([*argv, "--finetune_from", "pretrained"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("[to run] finetune-cfg "))
+    assert "needs model, data, pretrained" in lines[first]
+    command = next(line for line in lines[first:] if " -m train " in line)
+    assert f"--pretrained_model_name_or_path {tmp_path / 'pretrained'} " in command
+    assert out.index("[to run] pretrained ") < out.index("[to run] finetune-cfg ")
+    assert main([*argv, "--finetune_from", "elsewhere"]) == 2
+    assert "finetune_from must be base or pretrained" in capsys.readouterr().err
+
+
 def _append(path: Path, text: str) -> None:
     """An in-process job: append a line to a file (so reruns are visible)."""
     with path.open("a") as f:
