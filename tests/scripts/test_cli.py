@@ -177,8 +177,15 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
     assert summary["prompts"] == {"duplicated": 2, "ordinary": 3, "held_out": 2}
     for name, model in summary["models"].items():
         detection = model["detection"]["duplicated_vs_held_out"]
-        assert set(detection) == {"score_step1_n1", "score_step1", "score_all_steps"}
+        assert {"score_step1_n1", "score_step1", "score_all_steps"} <= set(detection)
         assert 0 <= detection["score_step1"]["auc"] <= 1
+        # every detector, validated side by side (the demo scores all of them)
+        figures = model["detectors"]
+        assert set(figures) == {"magnitude", "sharpness", "anisotropy", "seed_consistency"}
+        for found in figures.values():
+            assert found["auc_low"] <= found["auc"] <= found["auc_high"]
+            assert set(found["by_copies"]) == {"4"} and found["seconds_per_prompt"] > 0
+        assert figures["magnitude"]["auc"] == detection["score_step1"]["auc"]
         assert set(model["copy_similarity_by_group"]) == {"duplicated", "ordinary", "held_out"}
         for figure in ("scatter", "roc", "grid", "tokens"):
             assert (demo / f"detect_{name}_{figure}.png").is_file()
@@ -220,6 +227,7 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
     auc = summary["models"]["cfg"]["detection"]["duplicated_vs_held_out"]["score_step1"]["auc"]
     assert f"finetune-cfg: detection AUC {auc:.3f}" in markdown
     assert "Calibrations on held-out data" in markdown and "Warning: tau_mem" in markdown
+    assert "Which detector to trust" in markdown
     assert "calibration not to be trusted: " in markdown
     for figure in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
         assert (demo / figure).is_file()
