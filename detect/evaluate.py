@@ -99,6 +99,52 @@ def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> RocCurve:
     )
 
 
+@dataclass
+class CopyRate:
+    """Share of generations above the copy threshold, with a bootstrap interval over prompts."""
+
+    rate: float
+    low: float
+    high: float
+    prompts: int
+    generations: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Plain mapping for JSON."""
+        return asdict(self)
+
+
+def copy_rate(
+    similarity: Sequence[float],
+    prompt_ids: Sequence[int],
+    threshold: float,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> CopyRate:
+    """Copy rate of generations (similarity >= threshold) with a percentile-bootstrap
+    interval that resamples whole prompts (a prompt's generations are not independent)."""
+    s = np.asarray(similarity, dtype=np.float64).ravel()
+    ids = np.asarray(prompt_ids).ravel()
+    if s.shape != ids.shape or len(s) == 0:
+        raise ChexmemError("copy_rate needs one prompt id per similarity, at least one")
+    _, cluster = np.unique(ids, return_inverse=True)
+    copies = np.bincount(cluster, weights=(s >= threshold).astype(np.float64))
+    counts = np.bincount(cluster).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(counts), size=(n_boot, len(counts)))
+    boot = copies[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(boot, [tail, 1.0 - tail])
+    return CopyRate(
+        rate=float(copies.sum() / counts.sum()),
+        low=float(low),
+        high=float(high),
+        prompts=len(counts),
+        generations=len(s),
+    )
+
+
 def tpr_at_fpr(labels: Sequence[int], scores: Sequence[float], target: float = 0.01) -> float:
     """The best TPR of any threshold whose FPR stays below `target`."""
     curve = roc_curve(labels, scores)

@@ -20,6 +20,12 @@ DATA_SOURCES = ("phantom", "chexpert", "folder")
 LAUNCHERS = ("python", "accelerate")
 DTYPES = ("float32", "float16", "bfloat16")
 
+# the remedy a calibration warning names in the study: it calibrates on the data's held-out part
+MORE_HELD_OUT = (
+    "give the study more held-out data: at least 20 held-out prompts (--held_out_prompts) and "
+    "enough patients for the validation and test splits (--num_patients, or a larger dataset)"
+)
+
 
 def study_methods() -> tuple[str, ...]:
     """The mitigations a study can compare with none: every registered one."""

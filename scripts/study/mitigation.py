@@ -47,13 +47,7 @@ from mitigate.evaluate import (
 )
 from mitigate.neurons import NeuronDeactivation, perturbation_robustness
 from mitigate.registry import mitigation_class
-from scripts.study.config import study_methods
-
-# the remedy a calibration warning names in the study: it calibrates on the data's held-out part
-MORE_HELD_OUT = (
-    "give the study more held-out data: at least 20 held-out prompts (--held_out_prompts) and "
-    "enough patients for the validation and test splits (--num_patients, or a larger dataset)"
-)
+from scripts.study.config import MORE_HELD_OUT, study_methods
 
 
 def flagged_prompts(frame: pd.DataFrame, target: float) -> pd.DataFrame:

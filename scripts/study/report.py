@@ -168,7 +168,68 @@ def detection_section(config: StudyConfig, detection: dict) -> Section:
     ]
     if copies:
         section.tables.append(Table("Copy similarity by prompt group", pd.DataFrame(copies)))
+    rates = copy_rate_table(detection)
+    if rates is not None:
+        section.tables.insert(0, rates)
+        section.text += not_copied(detection)
     return section
+
+
+def dose_name(copies: str) -> str:
+    """A copy count as the report names it."""
+    return {"0": "held-out (0)", "1": "ordinary (1)"}.get(copies, f"duplicated x{copies}")
+
+
+def copy_rate_table(detection: dict) -> Table | None:
+    """Copy rate per dose and model: were the duplicates copied at all?"""
+    rows = [
+        {
+            "model": DETECTED[name][0],
+            "copies of the training image": dose_name(k),
+            "copy rate [95% CI]": f"{v['rate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]",
+            "prompts": v["prompts"],
+            "generations": v["generations"],
+        }
+        for name, result in detection.get("models", {}).items()
+        for k, v in result.get("copy_rate_by_copies", {}).items()
+    ]
+    if not rows:
+        return None
+    threshold = detection.get("copy_threshold")
+    return Table(
+        "Copy rate per dose: the ground truth every detector is judged against",
+        pd.DataFrame(rows),
+        f"A copy: a generation whose nearest training image has pixel NCC >= {threshold:.4f} "
+        "(the 95th percentile of held-out images' nearest-training NCC). Interval: 95% "
+        "bootstrap over prompts.",
+    )
+
+
+def not_copied(detection: dict) -> list[str]:
+    """A warning for each model whose duplicated rows are copied no more than held-out
+    prompts: its detection figures then measure nothing (no memorization to detect)."""
+    lines = []
+    for name, result in detection.get("models", {}).items():
+        rates = result.get("copy_rate_by_copies", {})
+        held_out = rates.get("0")
+        doses = {k: v for k, v in rates.items() if int(k) > 1}
+        if held_out is None or not doses:
+            continue
+        copied = [k for k, v in doses.items() if v["low"] > held_out["high"]]
+        if not copied:
+            lines.append(
+                f"**{DETECTED[name][0]} did not copy its duplicates**: at no dose is the copy "
+                f"rate's interval above the held-out prompts' ({held_out['rate']:.3f}). Its "
+                "AUCs cannot validate any detector: there is no memorization to detect. Train "
+                "longer or with more copies (docs/benchmarks.md)."
+            )
+        else:
+            lines.append(
+                f"{DETECTED[name][0]} copies its duplicates at "
+                + ", ".join(f"{k} copies ({doses[k]['rate']:.3f})" for k in copied)
+                + f", above the held-out rate {held_out['rate']:.3f}."
+            )
+    return lines
 
 
 def detector_table(detection: dict) -> Table | None:
@@ -318,10 +379,21 @@ def headline(detection: dict, mitigation: dict, models: dict) -> list[str]:
     for name, result in detection.get("models", {}).items():
         auc = result["detection"]["duplicated_vs_held_out"]["score_step1"]["auc"]
         rho = result["score_vs_copy_similarity"]["spearman"]["value"]
-        lines.append(
+        line = (
             f"{DETECTED[name][0]}: detection AUC {auc:.3f} (duplicated vs held-out, "
             f"step 1), Spearman with copy similarity {rho:.2f}"
         )
+        detectors = result.get("detectors", {})
+        if len(detectors) > 1:
+            best, r = max(detectors.items(), key=lambda item: item[1]["auc"])
+            line += f"; best detector {best}: AUC {r['auc']:.3f} [{r['auc_low']:.3f}, "
+            line += f"{r['auc_high']:.3f}]"
+        rates = result.get("copy_rate_by_copies", {})
+        if rates:
+            line += "; copy rate by copies " + ", ".join(
+                f"{k}: {v['rate']:.2f}" for k, v in rates.items()
+            )
+        lines.append(line)
     rows = [r for r in mitigation.get("inference", []) if r["group"] == "memorized"]
     if rows:
         none = next(r for r in rows if r["method"] == "none")

@@ -27,16 +27,16 @@ import pandas as pd
 from PIL import Image
 
 from detect.cli import write_json
-from detect.evaluate import correlation, detection, roc_auc, roc_curve
+from detect.evaluate import copy_rate, correlation, detection, roc_auc, roc_curve
 from detect.plots import roc_plot, scatter_plot
 from detect.registry import detector_class
-from detect.similarity import ncc_features, nearest
+from detect.similarity import NCCEmbedder, calibrate_threshold, ncc_features, nearest
 from hf_datasets.duplicates import duplicated_rows, inject_duplicates
 from hf_datasets.phantom import PhantomConfig, generate_phantom
 from hf_datasets.show import contact_sheet, show
 from hf_datasets.storage import load_dataset_dir, save_dataset
 from hf_datasets.summary import summarize
-from scripts.study.config import StudyConfig
+from scripts.study.config import MORE_HELD_OUT, StudyConfig
 
 
 def run_data_stage(config: StudyConfig) -> Path:
@@ -286,6 +286,18 @@ def detector_figures(
     return out
 
 
+def copy_rates(images: pd.DataFrame, prompts: pd.DataFrame, threshold: float) -> dict:
+    """Copy rate (generations at or above the copy threshold) per copy count of the prompt's
+    training image: 0 held-out, 1 ordinary, then each dose of the duplicated rows."""
+    copies = prompts["copies"].to_numpy()[images["prompt_id"].to_numpy()]
+    return {
+        str(int(k)): copy_rate(
+            images["nearest_similarity"][copies == k], images["prompt_id"][copies == k], threshold
+        ).to_dict()
+        for k in np.unique(copies)
+    }
+
+
 def copy_grid(
     frame: pd.DataFrame,
     images: pd.DataFrame,
@@ -314,14 +326,18 @@ def evaluate_detect_runs(
     `python -m detect` run is in OUT/detect-NAME; the summary goes to `path`."""
     out = Path(config.output_dir)
     prompts = pd.read_csv(out / "detect_prompts.csv")
-    train = load_dataset_dir(data)["train"]
-    train_images = list(train["image"])
+    dataset = load_dataset_dir(data)
+    train_images = list(dataset["train"]["image"])
     bank = ncc_features(train_images)
+    held_out = [*dataset["validation"]["image"], *dataset["test"]["image"]]
+    threshold = calibrate_threshold(held_out, bank, NCCEmbedder(), 95.0, fix=MORE_HELD_OUT)
     summary: dict = {
         "prompts": prompts["group"].value_counts().to_dict(),
         "generations_per_prompt": config.generations_per_prompt,
         "inference_steps": config.inference_steps,
         "similarity": "pixel NCC at 64 px to the nearest training image",
+        "copy_threshold": threshold.value,
+        "copy_threshold_calibration": threshold.record(),
         "models": {},
     }
     for name, (_, guidance) in models.items():
@@ -341,6 +357,7 @@ def evaluate_detect_runs(
             "detector_columns": columns,
             "detectors": detector_figures(frame, columns, seconds),
             "detection": evaluate_detection(frame, scores),
+            "copy_rate_by_copies": copy_rates(images, prompts, threshold.value),
             "copy_similarity_by_group": {
                 group: {
                     "mean_nearest_similarity": round(float(g["copy_similarity"].mean()), 4),

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from detect.evaluate import auc_interval, correlation, detection, roc_auc, roc_curve, tpr_at_fpr
+from detect.evaluate import (
+    auc_interval,
+    copy_rate,
+    correlation,
+    detection,
+    roc_auc,
+    roc_curve,
+    tpr_at_fpr,
+)
 from hf_datasets.errors import ChexmemError
 
 
@@ -89,3 +97,24 @@ def test_auc_interval_is_the_stratified_bootstrap_recomputed_draw_by_draw() -> N
     wide = np.r_[rng.normal(1.0, 1.0, 120), rng.normal(0.0, 1.0, 300)]
     narrow_low, narrow_high = auc_interval(many, wide)
     assert narrow_high - narrow_low < high - low
+
+
+def test_copy_rate_resamples_whole_prompts() -> None:
+    # 3 prompts x 4 generations: prompt 0 always copies, prompt 1 half the time, prompt 2 never
+    similarity = [0.9, 0.95, 0.91, 0.99, 0.9, 0.5, 0.92, 0.4, 0.1, 0.2, 0.3, 0.2]
+    prompt_ids = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    found = copy_rate(similarity, prompt_ids, threshold=0.9, n_boot=500, seed=3)
+    assert found.rate == 6 / 12 and found.prompts == 3 and found.generations == 12
+    # the interval recomputed draw by draw: resample prompts, pool their generations
+    rng = np.random.default_rng(3)
+    draws = rng.integers(0, 3, size=(500, 3))
+    per_prompt = np.array([4.0, 2.0, 0.0])
+    boot = per_prompt[draws].sum(axis=1) / 12.0
+    assert (found.low, found.high) == tuple(np.quantile(boot, [0.025, 0.975]))
+    # a prompt's generations move together: the interval spans all-or-nothing prompts
+    assert found.low <= 2 / 12 and found.high >= 10 / 12
+
+
+def test_copy_rate_needs_matching_inputs() -> None:
+    with pytest.raises(ChexmemError, match="one prompt id per similarity"):
+        copy_rate([0.5, 0.6], [0], 0.5)

@@ -187,6 +187,12 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
             assert set(found["by_copies"]) == {"4"} and found["seconds_per_prompt"] > 0
         assert figures["magnitude"]["auc"] == detection["score_step1"]["auc"]
         assert set(model["copy_similarity_by_group"]) == {"duplicated", "ordinary", "held_out"}
+        # the ground truth per dose: held-out (0), ordinary (1), the duplicated rows (4 copies)
+        rates = model["copy_rate_by_copies"]
+        assert set(rates) == {"0", "1", "4"}
+        assert rates["4"]["prompts"] == 2 and rates["4"]["generations"] == 2 * 2
+        for rate in rates.values():
+            assert 0 <= rate["low"] <= rate["rate"] <= rate["high"] <= 1
         for figure in ("scatter", "roc", "grid", "tokens"):
             assert (demo / f"detect_{name}_{figure}.png").is_file()
         for group in ("duplicated", "held_out"):
@@ -228,6 +234,7 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
     assert f"finetune-cfg: detection AUC {auc:.3f}" in markdown
     assert "Calibrations on held-out data" in markdown and "Warning: tau_mem" in markdown
     assert "Which detector to trust" in markdown
+    assert "Copy rate per dose" in markdown and "copy_threshold" in summary
     assert "calibration not to be trusted: " in markdown
     for figure in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
         assert (demo / figure).is_file()
