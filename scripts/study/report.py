@@ -187,6 +187,10 @@ def copy_rate_table(detection: dict) -> Table | None:
             "model": DETECTED[name][0],
             "copies of the training image": dose_name(k),
             "copy rate [95% CI]": f"{v['rate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]",
+            "mean nearest NCC": round(v["mean_nearest_similarity"], 4),
+            "mean NCC to its own image": round(v["mean_own_similarity"], 4)
+            if "mean_own_similarity" in v
+            else "",
             "prompts": v["prompts"],
             "generations": v["generations"],
         }

@@ -290,12 +290,15 @@ def copy_rates(images: pd.DataFrame, prompts: pd.DataFrame, threshold: float) ->
     """Copy rate (generations at or above the copy threshold) per copy count of the prompt's
     training image: 0 held-out, 1 ordinary, then each dose of the duplicated rows."""
     copies = prompts["copies"].to_numpy()[images["prompt_id"].to_numpy()]
-    return {
-        str(int(k)): copy_rate(
-            images["nearest_similarity"][copies == k], images["prompt_id"][copies == k], threshold
-        ).to_dict()
-        for k in np.unique(copies)
-    }
+    out = {}
+    for k in np.unique(copies):
+        chosen = images[copies == k]
+        rate = copy_rate(chosen["nearest_similarity"], chosen["prompt_id"], threshold).to_dict()
+        rate["mean_nearest_similarity"] = float(chosen["nearest_similarity"].mean())
+        if k > 0:  # a training prompt: how close to its own training image
+            rate["mean_own_similarity"] = float(chosen["own_similarity"].mean())
+        out[str(int(k))] = rate
+    return out
 
 
 def copy_grid(

@@ -123,3 +123,30 @@ def test_accelerate_launcher_command_line() -> None:
         "-m",
         "scripts.study.mitigation",
     ]
+
+
+def test_the_report_says_when_a_model_did_not_copy_its_duplicates() -> None:
+    from scripts.study.report import copy_rate_table, not_copied
+
+    def rate(value: float, low: float, high: float) -> dict:
+        return {"rate": value, "low": low, "high": high, "prompts": 10, "generations": 40,
+                "mean_nearest_similarity": 0.8, "mean_own_similarity": 0.7}  # fmt: skip
+
+    held_out = rate(0.05, 0.02, 0.10)
+    flat = {"0": held_out, "1": rate(0.05, 0.0, 0.1), "2": rate(0.0, 0, 0), "20": rate(0.1, 0, 0.2)}
+    copied = {**flat, "20": rate(0.6, 0.4, 0.8)}
+    detection = {
+        "copy_threshold": 0.86,
+        "models": {"cfg": {"copy_rate_by_copies": flat}, "nocfg": {"copy_rate_by_copies": copied}},
+    }
+    lines = not_copied(detection)
+    assert "**finetune-cfg did not copy its duplicates**" in lines[0]
+    assert "did not copy" not in lines[1] and "20 copies (0.600)" in lines[1]
+    table = copy_rate_table(detection)
+    assert table is not None and "0.8600" in table.caption
+    assert list(table.frame["copies of the training image"][:4]) == [
+        "held-out (0)",
+        "ordinary (1)",
+        "duplicated x2",
+        "duplicated x20",
+    ]
