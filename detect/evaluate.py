@@ -145,6 +145,32 @@ def copy_rate(
     )
 
 
+def relative_change_interval(
+    treated: Sequence[float],
+    baseline: Sequence[float],
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of mean(treated) / mean(baseline) - 1 over paired units
+    (the same prompts under two methods), resampled together; draws with a zero baseline
+    are left out (NaN, NaN when every draw has one)."""
+    t = np.asarray(treated, dtype=np.float64).ravel()
+    b = np.asarray(baseline, dtype=np.float64).ravel()
+    if t.shape != b.shape or len(t) == 0:
+        raise ChexmemError("a paired change needs two sequences of the same length, at least 1")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(t), size=(n_boot, len(t)))
+    base = b[draws].mean(axis=1)
+    keep = base > 0
+    if not keep.any():
+        return float("nan"), float("nan")
+    boot = t[draws].mean(axis=1)[keep] / base[keep] - 1.0
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(boot, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
 def tpr_at_fpr(labels: Sequence[int], scores: Sequence[float], target: float = 0.01) -> float:
     """The best TPR of any threshold whose FPR stays below `target`."""
     curve = roc_curve(labels, scores)

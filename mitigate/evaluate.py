@@ -20,6 +20,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from detect.classifier import FindingsClassifier, conditioning_fidelity
+from detect.evaluate import copy_rate, relative_change_interval
 from detect.magnitude import MagnitudeConfig, decode_latents
 from detect.quality import ClassifierFeatures, quality
 from detect.similarity import Embedder, TrainingBank, match_generations, prompt_diversity
@@ -131,6 +132,12 @@ def run_method(pipe: Any, setup: EvaluationSetup, name: str, mitigation: Mitigat
     )
 
 
+def copy_rate_fields(matches: pd.DataFrame) -> dict[str, float]:
+    """copy_rate with its 95% bootstrap interval over prompts (`copy_rate_low` / `_high`)."""
+    found = copy_rate(matches["is_copy"].astype(float), matches["prompt_id"], threshold=1.0)
+    return {"copy_rate": found.rate, "copy_rate_low": found.low, "copy_rate_high": found.high}
+
+
 def summarise(run: MethodRun, setup: EvaluationSetup) -> list[dict[str, Any]]:
     """One row per prompt group of a method's run."""
     rows = []
@@ -140,7 +147,7 @@ def summarise(run: MethodRun, setup: EvaluationSetup) -> list[dict[str, Any]]:
             "method": run.name,
             "group": group,
             "prompts": len(prompts),
-            "copy_rate": float(run.matches.loc[run.matches["group"] == group, "is_copy"].mean()),
+            **copy_rate_fields(run.matches[run.matches["group"] == group]),
             "own_similarity": float(prompts["own_similarity"].mean()),
             "nearest_similarity": float(prompts["nearest_similarity"].mean()),
             "diversity": float(prompts["diversity"].mean()),
@@ -180,5 +187,20 @@ def evaluate_methods(
     for name, mitigation in tqdm(methods.items(), desc="mitigations", disable=len(methods) < 2):
         runs[name] = run_method(pipe, setup, name, mitigation)
         rows += summarise(runs[name], setup)
-    table = relative_changes(pd.DataFrame(rows))
+    table = change_intervals(relative_changes(pd.DataFrame(rows)), runs)
     return MitigationReport(table, runs, setup.threshold, setup.embedder.name)
+
+
+def change_intervals(table: pd.DataFrame, runs: dict[str, MethodRun]) -> pd.DataFrame:
+    """The copy-rate change's 95% interval, bootstrapping the same prompts under the method
+    and under no mitigation together (`copy_rate_change_low` / `_high`)."""
+    if "none" not in runs:
+        return table
+    out = table.copy()
+    base = runs["none"].per_prompt
+    for i, row in out.iterrows():
+        chosen = base["group"] == row["group"]
+        treated = runs[row["method"]].per_prompt.loc[chosen, "copy_rate"]
+        low, high = relative_change_interval(treated, base.loc[chosen, "copy_rate"])
+        out.loc[i, ["copy_rate_change_low", "copy_rate_change_high"]] = [low, high]
+    return out

@@ -317,13 +317,14 @@ def mitigation_section(config: StudyConfig, mitigation: dict, models: dict) -> S
             "score",
             "seconds_per_prompt",
         ]
-        table = pd.DataFrame(mitigation["inference"])
+        table = with_intervals(pd.DataFrame(mitigation["inference"]))
         section.tables.append(
             Table(
                 "Inference-time methods (model finetune-cfg)",
                 table[[c for c in columns if c in table]],
                 "copy_rate_change and fid_change are relative to 'none' on the same prompts "
-                "and seeds.",
+                "and seeds; intervals: 95% bootstrap over prompts (for a change: the same "
+                "prompts resampled under both methods).",
                 provenance(config, "finetune-cfg", mitigation["features"]),
             )
         )
@@ -355,11 +356,26 @@ def mitigation_section(config: StudyConfig, mitigation: dict, models: dict) -> S
             section.tables.append(
                 Table(
                     f"{title}: duplicated rows and ordinary prompts",
-                    pd.DataFrame(models[key]),
+                    with_intervals(pd.DataFrame(models[key])),
                     provenance=provenance(config, key, models["features"]),
                 )
             )
     return section
+
+
+def with_intervals(table: pd.DataFrame) -> pd.DataFrame:
+    """copy_rate and copy_rate_change shown with their intervals (the bounds' own columns
+    dropped), where the stage wrote them."""
+    out = table.copy()
+    for column in ("copy_rate", "copy_rate_change"):
+        low, high = f"{column}_low", f"{column}_high"
+        if column in out and low in out:
+            out[column] = [
+                "" if pd.isna(v) else f"{v:.3f}" + ("" if pd.isna(a) else f" [{a:.3f}, {b:.3f}]")
+                for v, a, b in zip(out[column], out[low], out[high], strict=True)
+            ]
+            out = out.drop(columns=[low, high])
+    return out
 
 
 def calibration_table(calibrations: dict[str, dict]) -> Table:

@@ -11,6 +11,7 @@ from detect.evaluate import (
     copy_rate,
     correlation,
     detection,
+    relative_change_interval,
     roc_auc,
     roc_curve,
     tpr_at_fpr,
@@ -118,3 +119,17 @@ def test_copy_rate_resamples_whole_prompts() -> None:
 def test_copy_rate_needs_matching_inputs() -> None:
     with pytest.raises(ChexmemError, match="one prompt id per similarity"):
         copy_rate([0.5, 0.6], [0], 0.5)
+
+
+def test_relative_change_interval_resamples_the_same_prompts_under_both_methods() -> None:
+    baseline = np.array([1.0, 0.5, 0.75, 0.0, 1.0])
+    treated = np.array([0.25, 0.0, 0.25, 0.0, 0.5])
+    low, high = relative_change_interval(treated, baseline, n_boot=400, seed=1)
+    rng = np.random.default_rng(1)
+    draws = rng.integers(0, 5, size=(400, 5))
+    base = baseline[draws].mean(axis=1)
+    boot = treated[draws].mean(axis=1)[base > 0] / base[base > 0] - 1.0
+    assert (low, high) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])), abs=1e-12)
+    assert low <= treated.mean() / baseline.mean() - 1.0 <= high < 0
+    # no copies at all under the baseline: no relative change to give
+    assert all(np.isnan(relative_change_interval([0.0, 0.0], [0.0, 0.0])))

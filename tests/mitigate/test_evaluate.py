@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from detect.evaluate import copy_rate
 from detect.magnitude import MagnitudeConfig
 from detect.models import load_pipeline
 from detect.similarity import NCCEmbedder, TrainingBank
@@ -56,6 +57,14 @@ def test_every_method_gets_a_row_per_group_and_changes_against_none(
     }
     assert table.loc[("none", "memorized"), "prompts"] == 2
     assert (table["copy_rate"].between(0, 1)).all()
+    # every copy rate with its interval over prompts, recomputed from the matches
+    for (method, group), row in table.iterrows():
+        matches = report.runs[method].matches
+        chosen = matches[matches["group"] == group]
+        expected = copy_rate(chosen["is_copy"].astype(float), chosen["prompt_id"], 1.0)
+        found = (row["copy_rate"], row["copy_rate_low"], row["copy_rate_high"])
+        assert found == (expected.rate, expected.low, expected.high)
+    assert {"copy_rate_change_low", "copy_rate_change_high"} <= set(table.columns)
     none = table.loc[("none", "memorized")]
     assert none["copy_rate_change"] == 0 or np.isnan(none["copy_rate_change"])
     runs = report.runs

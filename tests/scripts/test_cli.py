@@ -206,6 +206,8 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
     assert "random_tokens_4" in methods
     for row in mitigation["inference"]:
         assert 0 <= row["copy_rate"] <= 1 and row["fid"] >= 0
+        assert row["copy_rate_low"] <= row["copy_rate"] <= row["copy_rate_high"]
+        assert "copy_rate_change_low" in row
     models = json.loads((demo / "mitigation_models.json").read_text())
     assert {row["model"] for row in models["training"]} == {"plain", "filter"}
     capacity = {row["model"]: row for row in models["capacity"]}
