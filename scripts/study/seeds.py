@@ -46,6 +46,9 @@ def seed_table(folders: dict[int, Path]) -> pd.DataFrame:
         if not path.is_file():
             raise ChexmemError(f"seed {seed} has no {path}: run its study first")
         for model, result in json.loads(path.read_text())["models"].items():
+            for copies, rate in result.get("copy_rate_by_copies", {}).items():  # ground truth
+                figure = f"copy_rate_copies_{copies}"
+                values.setdefault((model, "(copy rate)", figure), {})[seed] = float(rate["rate"])
             for detector, figures in result.get("detectors", {}).items():
                 found = {f: figures[f] for f in FIGURES if figures.get(f) is not None}
                 found |= {f"auc_copies_{k}": v for k, v in figures.get("by_copies", {}).items()}

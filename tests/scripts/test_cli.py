@@ -298,5 +298,9 @@ def test_seeds_rerun_the_study_per_seed_and_report_the_spread(tmp_path: Path) ->
     assert auc["mean"] == pytest.approx(np.mean(values))
     assert auc["sd"] == pytest.approx(np.std(values, ddof=1))
     assert ("nocfg", "seed_consistency", "auc_copies_4") in rows
+    # the ground truth's spread too: the copy rate of each dose over the seeds
+    rate = rows[("cfg", "(copy rate)", "copy_rate_copies_4")]
+    values = [runs[s]["models"]["cfg"]["copy_rate_by_copies"]["4"]["rate"] for s in (0, 1)]
+    assert rate["mean"] == pytest.approx(np.mean(values))
     report = (out / "report.md").read_text()
     assert "Detection over seeds" in report and "+-" in report
