@@ -99,6 +99,13 @@ def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> RocCurve:
     )
 
 
+def percentile_interval(boot: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The central `confidence` interval of bootstrap draws."""
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(boot, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
 @dataclass
 class CopyRate:
     """Share of generations above the copy threshold, with a bootstrap interval over prompts."""
@@ -134,8 +141,7 @@ def copy_rate(
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(counts), size=(n_boot, len(counts)))
     boot = copies[draws].sum(axis=1) / counts[draws].sum(axis=1)
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(boot, [tail, 1.0 - tail])
+    low, high = percentile_interval(boot, confidence)
     return CopyRate(
         rate=float(copies.sum() / counts.sum()),
         low=float(low),
@@ -166,8 +172,7 @@ def relative_change_interval(
     if not keep.any():
         return float("nan"), float("nan")
     boot = t[draws].mean(axis=1)[keep] / base[keep] - 1.0
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(boot, [tail, 1.0 - tail])
+    low, high = percentile_interval(boot, confidence)
     return float(low), float(high)
 
 
@@ -193,8 +198,7 @@ def auc_interval(
     ranks = stats.rankdata(np.concatenate([pos, neg], axis=1), axis=1)
     p, n = len(positives), len(negatives)
     boot = (ranks[:, :p].sum(axis=1) - p * (p + 1) / 2) / (p * n)
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(boot, [tail, 1.0 - tail])
+    low, high = percentile_interval(boot, confidence)
     return float(low), float(high)
 
 
