@@ -144,8 +144,8 @@ def copy_rate(
     low, high = percentile_interval(boot, confidence)
     return CopyRate(
         rate=float(copies.sum() / counts.sum()),
-        low=float(low),
-        high=float(high),
+        low=low,
+        high=high,
         prompts=len(counts),
         generations=len(s),
     )
@@ -172,8 +172,7 @@ def relative_change_interval(
     if not keep.any():
         return float("nan"), float("nan")
     boot = t[draws].mean(axis=1)[keep] / base[keep] - 1.0
-    low, high = percentile_interval(boot, confidence)
-    return float(low), float(high)
+    return percentile_interval(boot, confidence)
 
 
 def tpr_at_fpr(labels: Sequence[int], scores: Sequence[float], target: float = 0.01) -> float:
@@ -198,8 +197,7 @@ def auc_interval(
     ranks = stats.rankdata(np.concatenate([pos, neg], axis=1), axis=1)
     p, n = len(positives), len(negatives)
     boot = (ranks[:, :p].sum(axis=1) - p * (p + 1) / 2) / (p * n)
-    low, high = percentile_interval(boot, confidence)
-    return float(low), float(high)
+    return percentile_interval(boot, confidence)
 
 
 def detection(
