@@ -38,6 +38,28 @@ StepContext = Callable[[int, torch.Tensor], AbstractContextManager]  # (step ind
 
 
 @dataclass
+class GuidanceState:
+    """What a guidance rule sees at one step of one batch: the UNet's two predictions."""
+
+    step: int
+    timestep: torch.Tensor
+    latents: torch.Tensor  # x_t of the batch
+    eps_u: torch.Tensor
+    eps_c: torch.Tensor
+    guidance_scale: float
+    alpha_bar: float  # the scheduler's alpha-bar at `timestep`
+    rows: slice  # the batch's generations among all (prompt i's are i*n .. i*n + n - 1)
+    num_generations: int
+
+    def classifier_free(self) -> torch.Tensor:
+        """The ordinary guided prediction eps_u + s (eps_c - eps_u)."""
+        return self.eps_u + self.guidance_scale * (self.eps_c - self.eps_u)
+
+
+Guidance = Callable[[GuidanceState], torch.Tensor]  # the state -> the guided prediction
+
+
+@dataclass
 class MagnitudeConfig:
     """How the sampling trajectory is run and scored (defaults: Wen et al.'s reference)."""
 
@@ -141,16 +163,40 @@ def guided_step(
     t: torch.Tensor,
     context: torch.Tensor,
     guidance_scale: float,
+    guide: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One guided DDIM step: (next latents, eps_u, eps_c).
 
     `context` holds the empty prompt's encoder states for every sample, then the prompts'.
+    `guide(eps_u, eps_c)`, if given, replaces classifier-free guidance.
     """
     model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
     eps = pipe.unet(model_input, t, context, return_dict=False)[0]
     eps_u, eps_c = eps.chunk(2)
-    guided = eps_u + guidance_scale * (eps_c - eps_u)
+    guided = eps_u + guidance_scale * (eps_c - eps_u) if guide is None else guide(eps_u, eps_c)
     return scheduler.step(guided, t, latents, eta=0.0, return_dict=False)[0], eps_u, eps_c
+
+
+def bound_guidance(
+    guidance: Guidance | None,
+    step: int,
+    t: torch.Tensor,
+    latents: torch.Tensor,
+    scheduler: DDIMScheduler,
+    config: MagnitudeConfig,
+    rows: slice,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """`guidance` as `guided_step`'s guide for one step of one batch (None: classifier-free)."""
+    if guidance is None:
+        return None
+    alpha_bar = float(scheduler.alphas_cumprod[int(t)])
+
+    def guide(eps_u: torch.Tensor, eps_c: torch.Tensor) -> torch.Tensor:
+        state = GuidanceState(step, t, latents, eps_u, eps_c, config.guidance_scale, alpha_bar,
+                              rows, config.num_generations)  # fmt: skip
+        return guidance(state)
+
+    return guide
 
 
 def prompt_contexts(pipe: Any, prompts: Sequence[str], num_generations: int) -> torch.Tensor:
@@ -189,6 +235,7 @@ def noise_magnitudes(
     keep_first_step: bool = False,
     prompt_embeds: torch.Tensor | None = None,
     step_context: StepContext | None = None,
+    guidance: Guidance | None = None,
 ) -> MagnitudeResult:
     """Run every prompt x generation along the guided trajectory and record m_t per step.
 
@@ -200,7 +247,9 @@ def noise_magnitudes(
     predictions of the first step (`detect.base.FirstStep`, for the detectors that read it).
     `prompt_embeds` (P, tokens, dim), if given, replaces the encoded prompts (mitigations
     that adjust e_p); `step_context(step, t)` returns a context manager held around each
-    step's UNet call (hooks for the first steps).
+    step's UNet call (hooks for the first steps); `guidance(state)`, if given, turns each
+    step's two predictions into the one the DDIM step takes (mitigations that guide away
+    from the training set); m_t stays the unguided ||eps_c - eps_u||.
     """
     config = config or MagnitudeConfig()
     prompts = list(prompts)
@@ -237,9 +286,10 @@ def noise_magnitudes(
             if keep_latents:
                 kept_steps[step].append(latents.cpu())
             x_t = latents
+            guide = bound_guidance(guidance, step, t, x_t, scheduler, config, slice(start, stop))
             with step_context(step, t) if step_context else nullcontext():
                 latents, eps_u, eps_c = guided_step(
-                    pipe, scheduler, latents, t, context, config.guidance_scale
+                    pipe, scheduler, latents, t, context, config.guidance_scale, guide
                 )
             magnitudes[start:stop, step] = magnitude_of(eps_u, eps_c).cpu().numpy()
             if keep_first_step and step == 0:

@@ -1,11 +1,13 @@
 """What every inference-time mitigation is, and generation with one applied.
 
-A `Mitigation` may change four things, each defaulting to "nothing":
+A `Mitigation` may change five things, each defaulting to "nothing":
 
 - `rewrite`: the prompt text (trigger-token editing, random token addition);
 - `embeddings`: the text-encoder output e_p that conditions the UNet (embedding adjustment);
 - `active`: hooks held for the whole generation (neuron deactivation);
-- `step`: hooks held around one sampling step (attention scaling in the first steps).
+- `step`: hooks held around one sampling step (attention scaling in the first steps);
+- `guide`: the noise prediction a step takes instead of classifier-free guidance
+  (anti-memorization guidance).
 
 `generate` applies one along the ordinary guided DDIM trajectory of `detect.magnitude`, with
 the same seeds as an unmitigated run, so every method is compared on identical starting
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from detect.magnitude import MagnitudeConfig, MagnitudeResult, noise_magnitudes
+from detect.magnitude import GuidanceState, MagnitudeConfig, MagnitudeResult, noise_magnitudes
 
 
 @dataclass
@@ -35,6 +37,9 @@ class StudySetup:
     embedding_target: float  # the score the embedding adjustment pushes flagged prompts to
     neurons: Any = None  # the NeuronDeactivation of the neurons NEMO localized
     random_tokens: tuple[int, ...] = (4,)  # tokens added, one variant each
+    bank: Any = None  # detect.similarity.TrainingBank of the training images (pixel NCC)
+    captions: tuple[str, ...] = ()  # the training prompts, one per bank row
+    held_out_similarity: float | None = None  # median nearest-training NCC of held-out images
 
 
 class Mitigation:
@@ -64,6 +69,15 @@ class Mitigation:
     def step(self, pipe: Any, step: int, timestep: torch.Tensor) -> AbstractContextManager:
         """Hooks held around sampling step `step`."""
         return nullcontext()
+
+    def guide(self, pipe: Any, state: GuidanceState) -> torch.Tensor | None:
+        """The noise prediction a step takes instead of classifier-free guidance, or None."""
+        return None
+
+    def prompt_facts(self) -> dict[str, list[float]]:
+        """Per-prompt facts of the last generation, by column (one value per prompt, NaN where
+        one does not apply), e.g. whether a prompt reached its target; none by default."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         """The method's name and settings, for tables and reports."""
@@ -119,6 +133,7 @@ def generate(
             keep_first_step=keep_first_step,
             prompt_embeds=embeds,
             step_context=lambda step, t: mitigation.step(pipe, step, t),
+            guidance=_guidance_of(pipe, mitigation),
         )
     return MitigatedResult(
         result,
@@ -127,3 +142,16 @@ def generate(
         prepared - start,
         time.perf_counter() - start,
     )
+
+
+def _guidance_of(pipe: Any, mitigation: Mitigation) -> Any:
+    """The mitigation's `guide` for `noise_magnitudes`, where it overrides classifier-free
+    guidance (a step whose `guide` returns None takes classifier-free guidance)."""
+    if type(mitigation).guide is Mitigation.guide:
+        return None
+
+    def guidance(state: GuidanceState) -> torch.Tensor:
+        guided = mitigation.guide(pipe, state)
+        return state.classifier_free() if guided is None else guided
+
+    return guidance

@@ -71,6 +71,8 @@ def build_method(
         target = method.calibrate(pipe, held_out, config, args.target_quantile, ids)
         print(f"embedding target {target.value:.4f} (q{args.target_quantile} of held-out)")
         return method
+    if name == "amg":
+        return amg_method(args, settings)
     if name == "neurons":
         from mitigate.neurons import NeuronDeactivation
 
@@ -78,6 +80,27 @@ def build_method(
             raise ChexmemError("--method neurons needs --neurons (from `chexmem neurons`)")
         return NeuronDeactivation.from_json(args.neurons, **settings)
     return make_mitigation(name, **settings)
+
+
+def amg_method(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
+    """Anti-memorization guidance against the training images of --training_dataset."""
+    from hf_datasets.storage import load_dataset_dir
+    from mitigate.amg import AntiMemorizationGuidance
+
+    if not args.training_dataset:
+        raise ChexmemError("--method amg needs the training images: give --training_dataset")
+    dataset = load_dataset_dir(args.training_dataset)
+    if args.calibration_split not in dataset:
+        raise ChexmemError(
+            f"--training_dataset has no split {args.calibration_split!r} (--calibration_split) "
+            f"of held-out images; it has {', '.join(dataset)}"
+        )
+    train, held_out = dataset["train"], dataset[args.calibration_split]
+    method = AntiMemorizationGuidance.from_images(
+        list(train["image"]), list(train["prompt"]), list(held_out["image"]), **settings
+    )
+    print(f"amg: {len(train)} training images; similarity zero at NCC {method.reference:.4f}")
+    return method
 
 
 def held_out_prompts(args: argparse.Namespace) -> list[str]:
@@ -202,6 +225,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         setup.quality, setup.fidelity = metrics.quality, metrics.fidelity
         setup.labels = np.where((own >= 0)[:, None], labels[np.maximum(own, 0)], np.nan)
         print(f"quality features: {metrics.extractor.name}")
+    args.training_dataset = args.training_dataset or args.dataset
     methods = {}
     for spec in args.methods:
         label, name, settings = parse_method(spec)
@@ -256,6 +280,11 @@ def add_calibration_flags(p: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     p.add_argument("--neurons", help="neurons.json of `chexmem neurons` (for method neurons)")
+    p.add_argument(
+        "--training_dataset",
+        help="saved dataset for method amg: generations are guided away from its train split; "
+        "its --calibration_split sets the similarity's zero (evaluate: --dataset by default)",
+    )
 
 
 def add_mitigate_commands(subparsers: argparse._SubParsersAction) -> None:

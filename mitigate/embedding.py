@@ -236,6 +236,18 @@ class EmbeddingAdjustment(Mitigation):
         self.target = self.calibration.value
         return self.calibration
 
+    def prompt_facts(self) -> dict[str, list[float]]:
+        """`target_reached` (1 / 0; NaN for a prompt left alone, below `flag_threshold`) and
+        the optimizer `iterations` of each prompt of the last `embeddings` call."""
+        reached, adjusted = [], []
+        for trace in self.last_losses:
+            left_alone = self.flag_threshold is not None and trace[0] < self.flag_threshold
+            adjusted.append(not left_alone)
+            reached.append(float("nan") if left_alone else float(trace[-1] <= self.target))
+        iterations = [float(i) if a else float("nan")
+                      for i, a in zip(self.last_iterations, adjusted, strict=True)]  # fmt: skip
+        return {"target_reached": reached, "iterations": iterations}
+
     def describe(self) -> dict[str, Any]:
         """Name and settings, with the target's calibration when `calibrate` set it."""
         found = super().describe()

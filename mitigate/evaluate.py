@@ -86,6 +86,7 @@ class MethodRun:
     per_prompt: pd.DataFrame
     seconds_per_prompt: float
     description: dict[str, Any]
+    facts: list[str] = field(default_factory=list)  # per_prompt columns of the method's own
 
 
 @dataclass
@@ -127,9 +128,13 @@ def run_method(pipe: Any, setup: EvaluationSetup, name: str, mitigation: Mitigat
     per_prompt["nearest_similarity"] = grouped["nearest_similarity"].mean()
     per_prompt["own_similarity"] = grouped["own_similarity"].mean()
     per_prompt["diversity"] = prompt_diversity(features, generation_prompt, setup.embedder)
+    facts = mitigation.prompt_facts()
+    for column, values in facts.items():
+        per_prompt[column] = np.asarray(values, dtype=float)
     return MethodRun(
-        name, images, matches, per_prompt, mitigated.seconds_per_prompt, mitigated.mitigation
-    )
+        name, images, matches, per_prompt, mitigated.seconds_per_prompt, mitigated.mitigation,
+        list(facts),
+    )  # fmt: skip
 
 
 def copy_rate_fields(matches: pd.DataFrame) -> dict[str, float]:
@@ -154,6 +159,10 @@ def summarise(run: MethodRun, setup: EvaluationSetup) -> list[dict[str, Any]]:
             "score": float(prompts["score"].mean()),
             "seconds_per_prompt": run.seconds_per_prompt,
         }
+        # the method's own facts, as the mean over the prompts they apply to (NaN: none)
+        for column in run.facts:
+            values = prompts[column].dropna()
+            row[column] = float(values.mean()) if len(values) else float("nan")
         images = [run.images[i * n + j] for i in prompts.index for j in range(n)]
         if setup.quality is not None:
             row.update(setup.quality(images))

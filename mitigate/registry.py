@@ -16,6 +16,7 @@ MITIGATIONS = {
     "trigger_tokens": "mitigate.tokens:TriggerTokenEdit",
     "random_tokens": "mitigate.tokens:RandomTokenAddition",
     "attention_scaling": "mitigate.attention:AttentionScaling",
+    "amg": "mitigate.amg:AntiMemorizationGuidance",
 }
 
 

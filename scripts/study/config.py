@@ -134,7 +134,7 @@ class StudyConfig:
     # mitigation: the inference-time methods compared with none (attention_scaling changed
     # nothing on the tiny model at any c tried, so the demo leaves it out: docs/benchmarks.md)
     methods: list[str] = setting(
-        ["embedding", "neurons", "trigger_tokens", "random_tokens"],
+        ["embedding", "neurons", "trigger_tokens", "random_tokens", "amg"],
         f"inference-time mitigations compared with none ({', '.join(study_methods())})",
     )
     random_tokens: list[int] = setting([4], "random_tokens: tokens added, one variant per count")

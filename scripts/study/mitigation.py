@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from datasets import concatenate_datasets
 
@@ -33,7 +34,7 @@ from detect.classifier import ClassifierConfig, label_matrix, train_classifier
 from detect.cli import write_json
 from detect.magnitude import MagnitudeConfig
 from detect.neurons import NemoConfig, calibrate_threshold, localize_prompts, reference_statistics
-from detect.similarity import NCCEmbedder, TrainingBank
+from detect.similarity import NCCEmbedder, TrainingBank, nearest
 from detect.similarity import calibrate_threshold as copy_threshold
 from hf_datasets.show import contact_sheet
 from hf_datasets.storage import load_dataset_dir
@@ -71,6 +72,18 @@ def localize(pipe: Any, memorized: list[str], reference: list[str], steps: int, 
     stats = reference_statistics(pipe, reference, nemo)
     tau = calibrate_threshold(pipe, reference, nemo, fix=MORE_HELD_OUT)
     return localize_prompts(pipe, memorized, stats, tau, nemo), tau
+
+
+def nemo_termination(summary: pd.DataFrame) -> dict[str, Any]:
+    """How many prompts NEMO found memorized and on how many its search ended by its rule."""
+    removed = summary[summary["removed"]] if len(summary) else summary
+    return {
+        "prompts": len(summary),
+        "memorized": int(summary["memorized"].sum()) if len(summary) else 0,
+        "removed": len(removed),
+        "removed_share": len(removed) / len(summary) if len(summary) else float("nan"),
+        "median_neurons": float(removed["num_neurons"].median()) if len(removed) else 0.0,
+    }
 
 
 def comparison_grid(
@@ -116,6 +129,8 @@ class Context:
     metrics: ClassifierMetrics
     labels: Any
     magnitude: MagnitudeConfig
+    captions: tuple[str, ...]  # the training prompts, one per bank row
+    held_out_similarity: float  # median nearest-training NCC of the held-out images
 
     @property
     def threshold(self) -> float:
@@ -169,6 +184,7 @@ def prepare(config: Any, data: Path) -> Context:
     bank = TrainingBank.from_images(train_images, embedder, patient_ids=train["patient_id"])
     held_out = concatenate_datasets([dataset["validation"], dataset["test"]])
     threshold = copy_threshold(list(held_out["image"]), bank, embedder, 95.0, fix=MORE_HELD_OUT)
+    held_out_nearest = nearest(embedder.embed(held_out["image"]), bank.features).similarity
     distinct = sorted({p: i for i, p in reversed(list(enumerate(train["prompt"])))}.values())
     classifier = shared_classifier(config, dataset, out)  # reused by both parts
     metrics = ClassifierMetrics(classifier, [train_images[i] for i in distinct])
@@ -180,15 +196,19 @@ def prepare(config: Any, data: Path) -> Context:
         progress=False,
     )
     return Context(out, train_images, held_out, bank, embedder, threshold, metrics,
-                   label_matrix(train), magnitude)  # fmt: skip
+                   label_matrix(train), magnitude, tuple(train["prompt"]),
+                   float(np.median(held_out_nearest)))  # fmt: skip
 
 
-def inference_methods(config: Any, neurons: NeuronDeactivation, targets: tuple[float, float]):
+def inference_methods(
+    config: Any, ctx: Context, neurons: NeuronDeactivation, targets: tuple[float, float]
+) -> dict[str, Mitigation]:
     """None, and each method the study names in the registry's order, in the setting its
     class chose for studies (`study_variants`: the benchmarks' settings)."""
     flag, embedding_target = targets
     setup = StudySetup(config.inference_steps, config.seed, flag, embedding_target, neurons,
-                       tuple(config.random_tokens))  # fmt: skip
+                       tuple(config.random_tokens), ctx.bank, ctx.captions,
+                       ctx.held_out_similarity)  # fmt: skip
     methods: dict[str, Mitigation] = {"none": Mitigation()}
     for name in study_methods():
         if name in config.methods:
@@ -217,7 +237,7 @@ def run_methods(config: Any, ctx: Context, model: Path, frame: pd.DataFrame) -> 
     neurons = NeuronDeactivation.from_report(nemo)
     neurons.to_json(out / "mitigation_neurons.json")
     print(f"NEMO: tau_mem {tau_mem:.3f}, {neurons.describe()['num_neurons']} neurons blocked")
-    methods = inference_methods(config, neurons, (target, embedding_target))
+    methods = inference_methods(config, ctx, neurons, (target, embedding_target))
     report = evaluate_methods(pipe, ctx.setup(prompts), methods)
     # does a small perturbation of e_p bring copying back once the neurons are blocked?
     flagged = prompts[prompts["group"] == "memorized"]
@@ -249,6 +269,7 @@ def run_methods(config: Any, ctx: Context, model: Path, frame: pd.DataFrame) -> 
         "ordinary_prompts": int((prompts["group"] == "ordinary").sum()),
         "nemo": {
             "tau_mem": tau_mem,
+            "terminated": nemo_termination(nemo.summary),
             "neurons_blocked": neurons.describe(),
             "per_prompt": nemo.summary.to_dict(orient="records"),
         },

@@ -315,6 +315,8 @@ def mitigation_section(config: StudyConfig, mitigation: dict, models: dict) -> S
             "fid_change",
             "fidelity",
             "score",
+            "target_reached",
+            "iterations",
             "seconds_per_prompt",
         ]
         table = with_intervals(pd.DataFrame(mitigation["inference"]))
@@ -324,7 +326,9 @@ def mitigation_section(config: StudyConfig, mitigation: dict, models: dict) -> S
                 table[[c for c in columns if c in table]],
                 "copy_rate_change and fid_change are relative to 'none' on the same prompts "
                 "and seeds; intervals: 95% bootstrap over prompts (for a change: the same "
-                "prompts resampled under both methods).",
+                "prompts resampled under both methods). target_reached: the share of the "
+                "prompts a method adjusted that reached its target; iterations: their mean "
+                "optimizer steps.",
                 provenance(config, "finetune-cfg", mitigation["features"]),
             )
         )
@@ -337,6 +341,9 @@ def mitigation_section(config: StudyConfig, mitigation: dict, models: dict) -> S
                 provenance(config, "finetune-cfg (guidance 7.5)", "pixel NCC at 64 px"),
             )
         )
+        nemo = mitigation.get("nemo", {})
+        if "terminated" in nemo:
+            section.text.append(nemo_sentence(nemo))
         figure = neuron_figure(config)
         if figure:
             section.figures.append(figure)
@@ -361,6 +368,17 @@ def mitigation_section(config: StudyConfig, mitigation: dict, models: dict) -> S
                 )
             )
     return section
+
+
+def nemo_sentence(nemo: dict) -> str:
+    """How NEMO's search ended on the flagged prompts."""
+    found = nemo["terminated"]
+    return (
+        f"NEMO (tau_mem {nemo['tau_mem']:.3f}): {found['memorized']} of {found['prompts']} "
+        f"flagged prompts memorized by its own test; its search ended by its rule (score <= "
+        f"tau_mem) on {found['removed']} ({found['removed_share']:.0%} of the flagged), with a "
+        f"median of {found['median_neurons']:g} neurons."
+    )
 
 
 def with_intervals(table: pd.DataFrame) -> pd.DataFrame:
@@ -422,6 +440,12 @@ def headline(detection: dict, mitigation: dict, models: dict) -> list[str]:
             f"copy rate of flagged prompts {none['copy_rate']:.2f} unmitigated; lowest "
             f"{best['copy_rate']:.2f} with {best['method']}"
         )
+        for r in rows:
+            if pd.notna(r.get("target_reached", float("nan"))):
+                lines.append(
+                    f"{r['method']} reached its target on {r['target_reached']:.0%} of the "
+                    f"flagged prompts it adjusted ({r['iterations']:.1f} iterations on average)"
+                )
     for key in ("training", "capacity"):
         dup = [r for r in models.get(key, []) if r["group"] == "duplicated"]
         if dup:

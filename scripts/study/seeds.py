@@ -79,6 +79,7 @@ def write_seed_summary(config: StudyConfig, folders: dict[int, Path]) -> pd.Data
         index=["model", "detector"], columns="figure", values="value", aggfunc="first"
     )
     shown = [c for c in SHOWN if c in wide] + sorted(c for c in wide if c.startswith("auc_copies"))
+    shown += sorted(c for c in wide if c.startswith("copy_rate_copies"))  # the ground truth
     seeds = ", ".join(map(str, folders))
     section = Section(
         "Detection over seeds",
@@ -88,7 +89,9 @@ def write_seed_summary(config: StudyConfig, folders: dict[int, Path]) -> pd.Data
                 "Each detector's figures, mean +- sample sd over the seeds",
                 wide[shown].reset_index(),
                 "AUC and TPR@1%FPR: duplicated vs held-out prompts; auc_copies_K: duplicated "
-                "rows with K copies vs held-out; Spearman over every prompt.",
+                "rows with K copies vs held-out; Spearman over every prompt; rows '(copy "
+                "rate)': copy_rate_copies_K, the share of generations that copy a training "
+                "image, for prompts of rows with K copies (0: held-out, 1: ordinary).",
             )
         ],
     )

@@ -122,6 +122,21 @@ def test_generation_with_the_adjustment_starts_with_a_lower_magnitude(pipe, star
     assert (plain.table["seed"].to_numpy() == adjusted.result.table["seed"].to_numpy()).all()
     assert adjusted.prompts == PROMPTS and adjusted.mitigation["method"] == "embedding"
     assert adjusted.mitigation["target"] == mitigation.target
+    facts = mitigation.prompt_facts()  # what the study reports: reached the target, in how many
+    assert facts["target_reached"] == [1.0, 1.0]
+    assert facts["iterations"] == [float(i) for i in mitigation.last_iterations]
+
+
+def test_prompts_left_alone_have_no_target_facts(pipe, start) -> None:
+    _, _, scores = start
+    high = int(np.argmax(scores))
+    mitigation = EmbeddingAdjustment(
+        target=0.8 * float(scores.min()), flag_threshold=float(scores.max()) - 1e-6
+    )
+    generate(pipe, PROMPTS, dataclasses.replace(CONFIG, max_steps=1), mitigation, prompt_ids=IDS)
+    facts = mitigation.prompt_facts()
+    assert np.isnan(facts["target_reached"][1 - high]) and np.isnan(facts["iterations"][1 - high])
+    assert facts["target_reached"][high] == 1.0 and facts["iterations"][high] >= 1
 
 
 def test_the_target_must_be_calibrated(pipe) -> None:

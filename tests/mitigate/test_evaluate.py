@@ -46,6 +46,28 @@ class Shout(Mitigation):
         return [p.upper() + " LOUD LOUD" for p in prompts]
 
 
+class Reported(Mitigation):
+    """No change to generation, but facts per prompt, as the embedding adjustment has."""
+
+    name = "reported"
+
+    def prompt_facts(self):  # type: ignore[no-untyped-def]
+        return {"target_reached": [1.0, float("nan"), 0.0, 1.0]}
+
+
+def test_a_methods_facts_per_prompt_are_averaged_per_group_where_they_apply(
+    tiny_model: Path, setup: EvaluationSetup
+) -> None:
+    pipe = load_pipeline(tiny_model)
+    report = evaluate_methods(pipe, setup, {"none": Mitigation(), "reported": Reported()})
+    table = report.table.set_index(["method", "group"])
+    assert table.loc[("reported", "memorized"), "target_reached"] == 1.0  # the NaN left out
+    assert table.loc[("reported", "ordinary"), "target_reached"] == 0.5
+    assert np.isnan(table.loc[("none", "memorized"), "target_reached"])
+    per_prompt = report.runs["reported"].per_prompt
+    np.testing.assert_array_equal(per_prompt["target_reached"], [1.0, np.nan, 0.0, 1.0])
+
+
 def test_every_method_gets_a_row_per_group_and_changes_against_none(
     tiny_model: Path, setup: EvaluationSetup
 ) -> None:
@@ -98,11 +120,14 @@ def test_cli_generate_and_evaluate(tiny_model: Path, phantom_data: Path, tmp_pat
     classifier.save(tmp_path / "classifier")
     out = tmp_path / "eval"
     code = main(["mitigate", "evaluate", *common, "--prompts", str(prompts), "--dataset",
-                 str(phantom_data), "--methods", "none", "--output_dir", str(out), "--classifier",
-                 str(tmp_path / "classifier"), "--num_generations", "2"])  # fmt: skip
+                 str(phantom_data), "--methods", "none", "amg", "--output_dir", str(out),
+                 "--classifier", str(tmp_path / "classifier"),
+                 "--num_generations", "2"])  # fmt: skip
     assert code == 0
     table = pd.read_csv(out / "mitigation.csv")
-    assert list(table["group"]) == ["memorized", "ordinary"]
+    assert list(table["group"]) == ["memorized", "ordinary"] * 2
+    # amg guides away from --dataset's training images; its facts: the steps it acted on
+    assert table.loc[table["method"] == "amg", "guided_share"].between(0, 1).all()
     assert (table["fid"] >= 0).all() and "fidelity" in table
     saved = json.loads((out / "mitigation.json").read_text())
     assert saved["threshold"] == saved["threshold_calibration"]["value"] > 0
@@ -116,6 +141,10 @@ def test_cli_names_what_is_missing(tiny_model: Path, tmp_path: Path, capsys) -> 
                  "--method", "embedding", "--num_inference_steps", "2"])  # fmt: skip
     assert code == 2
     assert "held-out prompts" in capsys.readouterr().err
+    code = main(["mitigate", "generate", "--model", str(tiny_model), "--prompts", str(prompts),
+                 "--method", "amg", "--num_inference_steps", "2"])  # fmt: skip
+    assert code == 2
+    assert "--training_dataset" in capsys.readouterr().err
 
 
 def test_evaluate_prompts_without_a_prompt_column_is_one_line(

@@ -304,3 +304,4 @@ def test_seeds_rerun_the_study_per_seed_and_report_the_spread(tmp_path: Path) ->
     assert rate["mean"] == pytest.approx(np.mean(values))
     report = (out / "report.md").read_text()
     assert "Detection over seeds" in report and "+-" in report
+    assert "copy_rate_copies_4" in report  # shown, not only in metrics.json
