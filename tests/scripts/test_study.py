@@ -8,6 +8,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from hf_datasets.cliutils import read_yaml
@@ -150,3 +151,22 @@ def test_the_report_says_when_a_model_did_not_copy_its_duplicates() -> None:
         "duplicated x2",
         "duplicated x20",
     ]
+
+
+def test_nemo_termination_counts_the_prompts_its_search_ended_on_by_its_rule() -> None:
+    from scripts.study.mitigation import nemo_termination
+    from scripts.study.report import nemo_sentence
+
+    summary = pd.DataFrame(
+        {
+            "memorized": [True, True, True, False],
+            "removed": [True, False, True, False],
+            "num_neurons": [3, 40, 5, 0],
+        }
+    )
+    found = nemo_termination(summary)
+    assert found == {"prompts": 4, "memorized": 3, "removed": 2, "removed_share": 0.5,
+                     "median_neurons": 4.0}  # fmt: skip
+    line = nemo_sentence({"tau_mem": 0.4, "terminated": found})
+    assert "3 of 4 flagged prompts memorized" in line and "on 2 (50% of the flagged)" in line
+    assert nemo_termination(summary.iloc[:0])["removed"] == 0
