@@ -223,6 +223,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         labels = label_matrix(train)
         own = frame["own_index"].to_numpy() if "own_index" in frame else np.full(len(frame), -1)
         setup.quality, setup.fidelity = metrics.quality, metrics.fidelity
+        setup.features, setup.fid_of = metrics.features, metrics.fid_of
         setup.labels = np.where((own >= 0)[:, None], labels[np.maximum(own, 0)], np.nan)
         print(f"quality features: {metrics.extractor.name}")
     args.training_dataset = args.training_dataset or args.dataset

@@ -11,6 +11,7 @@ runtime per prompt. Relative changes against the "none" row are added when it wa
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,9 +21,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from detect.classifier import FindingsClassifier, conditioning_fidelity
-from detect.evaluate import copy_rate, relative_change_interval
+from detect.evaluate import copy_rate, percentile_interval, relative_change_interval
 from detect.magnitude import MagnitudeConfig, decode_latents
-from detect.quality import ClassifierFeatures, quality
+from detect.quality import ClassifierFeatures, fid, quality
 from detect.similarity import Embedder, TrainingBank, match_generations, prompt_diversity
 from hf_datasets.errors import ChexmemError
 from mitigate.base import Mitigation, generate
@@ -31,6 +32,10 @@ from mitigate.base import Mitigation, generate
 QualityFn = Callable[[list[Any]], dict[str, float]]
 # A conditioning measure: (generated images, (N, findings) labels of their prompts) -> value
 FidelityFn = Callable[[list[Any], np.ndarray], float]
+# The quality features of images, and FID of feature rows against the real reference
+FeaturesFn = Callable[[list[Any]], np.ndarray]
+FidFn = Callable[[np.ndarray], float]
+FID_BOOTSTRAP = 200  # draws for FID's intervals (each draw is one FID: a matrix square root)
 
 
 class ClassifierMetrics:
@@ -42,12 +47,22 @@ class ClassifierMetrics:
         self.extractor = ClassifierFeatures(classifier)
         self.real_features = self.extractor.features(real_images)
 
-    def quality(self, images: list[Any]) -> dict[str, float]:
-        """FID and KID of generations against the real images (NaN for fewer than 2)."""
+    def quality(self, images: list[Any] | np.ndarray) -> dict[str, float]:
+        """FID and KID of generations (or their `features`) against the real images (NaN for
+        fewer than 2)."""
         if len(images) < 2:
             return {"fid": float("nan"), "kid_mean": float("nan")}
-        result = quality(self.real_features, self.extractor.features(images), self.extractor)
+        rows = images if isinstance(images, np.ndarray) else self.extractor.features(images)
+        result = quality(self.real_features, rows, self.extractor)
         return {"fid": result.fid, "kid_mean": result.kid_mean}
+
+    def features(self, images: list[Any]) -> np.ndarray:
+        """The classifier's feature rows of images (what FID compares)."""
+        return self.extractor.features(images)
+
+    def fid_of(self, rows: np.ndarray) -> float:
+        """FID of feature rows against the real images."""
+        return fid(self.real_features, rows) if len(rows) >= 2 else float("nan")
 
     def fidelity(self, images: list[Any], labels: np.ndarray) -> float:
         """Mean AUC over findings of the classifier's prediction against the prompts' labels."""
@@ -67,6 +82,8 @@ class EvaluationSetup:
     labels: np.ndarray | None = None  # (prompts, findings) with 1 / 0 / nan, for fidelity
     fidelity: FidelityFn | None = None
     score_steps: int = 1
+    features: FeaturesFn | None = None  # with `fid_of`: FID's bootstrap intervals over prompts
+    fid_of: FidFn | None = None
 
     def __post_init__(self) -> None:
         missing = {"prompt", "group"} - set(self.prompts.columns)
@@ -87,6 +104,7 @@ class MethodRun:
     seconds_per_prompt: float
     description: dict[str, Any]
     facts: list[str] = field(default_factory=list)  # per_prompt columns of the method's own
+    quality_rows: np.ndarray | None = None  # setup.features of `images`, when it has them
 
 
 @dataclass
@@ -131,9 +149,10 @@ def run_method(pipe: Any, setup: EvaluationSetup, name: str, mitigation: Mitigat
     facts = mitigation.prompt_facts()
     for column, values in facts.items():
         per_prompt[column] = np.asarray(values, dtype=float)
+    rows = setup.features(images) if setup.features is not None else None
     return MethodRun(
         name, images, matches, per_prompt, mitigated.seconds_per_prompt, mitigated.mitigation,
-        list(facts),
+        list(facts), rows,
     )  # fmt: skip
 
 
@@ -163,9 +182,11 @@ def summarise(run: MethodRun, setup: EvaluationSetup) -> list[dict[str, Any]]:
         for column in run.facts:
             values = prompts[column].dropna()
             row[column] = float(values.mean()) if len(values) else float("nan")
-        images = [run.images[i * n + j] for i in prompts.index for j in range(n)]
+        chosen = [i * n + j for i in prompts.index for j in range(n)]
+        images = [run.images[k] for k in chosen]
         if setup.quality is not None:
-            row.update(setup.quality(images))
+            found = images if run.quality_rows is None else run.quality_rows[chosen]
+            row.update(setup.quality(found))
         if setup.fidelity is not None and setup.labels is not None:
             labels = np.repeat(setup.labels[prompts.index.to_numpy()], n, axis=0)
             row["fidelity"] = setup.fidelity(images, labels)
@@ -197,6 +218,8 @@ def evaluate_methods(
         runs[name] = run_method(pipe, setup, name, mitigation)
         rows += summarise(runs[name], setup)
     table = change_intervals(relative_changes(pd.DataFrame(rows)), runs)
+    if setup.fid_of is not None and all(r.quality_rows is not None for r in runs.values()):
+        table = fid_intervals(table, runs, setup.fid_of, setup.config.num_generations)
     return MitigationReport(table, runs, setup.threshold, setup.embedder.name)
 
 
@@ -213,3 +236,56 @@ def change_intervals(table: pd.DataFrame, runs: dict[str, MethodRun]) -> pd.Data
         low, high = relative_change_interval(treated, base.loc[chosen, "copy_rate"])
         out.loc[i, ["copy_rate_change_low", "copy_rate_change_high"]] = [low, high]
     return out
+
+
+def fid_intervals(
+    table: pd.DataFrame,
+    runs: dict[str, MethodRun],
+    fid_of: FidFn,
+    n: int,
+    n_boot: int = FID_BOOTSTRAP,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """FID's 95% interval (`fid_low` / `_high`), resampling a group's prompts with all their
+    generations, and its relative change's (`fid_change_low` / `_high`): the same draws of
+    prompts, for every method and for none."""
+    out = table.copy()
+    with warnings.catch_warnings():  # the point estimate has warned about few images already
+        warnings.filterwarnings("ignore", message="FID from", category=UserWarning)
+        return _fid_intervals(out, runs, fid_of, n, n_boot, seed)
+
+
+def _fid_intervals(
+    out: pd.DataFrame, runs: dict[str, MethodRun], fid_of: FidFn, n: int, n_boot: int, seed: int
+) -> pd.DataFrame:
+    """`fid_intervals`' draws, in place on `out`."""
+
+    def fid_or_nan(rows: np.ndarray) -> float:
+        try:
+            return fid_of(rows)
+        except ChexmemError:  # a draw too degenerate for a square root (repeated prompts)
+            return float("nan")
+
+    groups = next(iter(runs.values())).per_prompt["group"].to_numpy()
+    rng = np.random.default_rng(seed)
+    draws, base = {}, {}
+    for group in dict.fromkeys(groups):
+        prompts = np.flatnonzero(groups == group)
+        picks = rng.choice(prompts, size=(n_boot, len(prompts)))
+        draws[group] = (picks[:, :, None] * n + np.arange(n)).reshape(n_boot, -1)
+        if "none" in runs:
+            base[group] = np.array([fid_or_nan(runs["none"].quality_rows[d]) for d in draws[group]])
+    for i, row in out.iterrows():
+        rows = runs[row["method"]].quality_rows
+        value = np.array([fid_or_nan(rows[d]) for d in draws[row["group"]]])
+        out.loc[i, ["fid_low", "fid_high"]] = _finite_interval(value)
+        if row["group"] in base:
+            change = value / base[row["group"]] - 1.0
+            out.loc[i, ["fid_change_low", "fid_change_high"]] = _finite_interval(change)
+    return out
+
+
+def _finite_interval(draws: np.ndarray) -> tuple[float, float]:
+    """The 95% percentile interval of the finite draws (NaN, NaN when there are none)."""
+    finite = draws[np.isfinite(draws)]
+    return percentile_interval(finite, 0.95) if len(finite) else (float("nan"), float("nan"))

@@ -143,6 +143,7 @@ class Context:
         return EvaluationSetup(
             prompts, self.bank, self.embedder, self.threshold, self.magnitude,
             self.metrics.quality, labels, self.metrics.fidelity,
+            features=self.metrics.features, fid_of=self.metrics.fid_of,
         )  # fmt: skip
 
 

@@ -385,7 +385,7 @@ def with_intervals(table: pd.DataFrame) -> pd.DataFrame:
     """copy_rate and copy_rate_change shown with their intervals (the bounds' own columns
     dropped), where the stage wrote them."""
     out = table.copy()
-    for column in ("copy_rate", "copy_rate_change"):
+    for column in ("copy_rate", "copy_rate_change", "fid", "fid_change"):
         low, high = f"{column}_low", f"{column}_high"
         if column in out and low in out:
             out[column] = [

@@ -128,6 +128,11 @@ def test_cli_generate_and_evaluate(tiny_model: Path, phantom_data: Path, tmp_pat
     assert list(table["group"]) == ["memorized", "ordinary"] * 2
     # amg guides away from --dataset's training images; its facts: the steps it acted on
     assert table.loc[table["method"] == "amg", "guided_share"].between(0, 1).all()
+    # FID with its interval over prompts, and its change against none's on the same draws
+    assert (table["fid_low"] <= table["fid"] + 1e-9).all()
+    assert (table["fid"] <= table["fid_high"] + 1e-9).all()
+    none = table[table["method"] == "none"]
+    assert (none["fid_change_low"] == 0).all() and (none["fid_change_high"] == 0).all()
     assert (table["fid"] >= 0).all() and "fidelity" in table
     saved = json.loads((out / "mitigation.json").read_text())
     assert saved["threshold"] == saved["threshold_calibration"]["value"] > 0
@@ -159,3 +164,35 @@ def test_evaluate_prompts_without_a_prompt_column_is_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no 'prompt' column (it has: caption, group)" in err
     assert not out.exists()
+
+
+def test_fid_intervals_resample_prompts_with_all_their_generations() -> None:
+    from detect.evaluate import percentile_interval
+    from mitigate.evaluate import MethodRun, fid_intervals
+
+    n, groups = 2, ["memorized", "memorized", "memorized", "ordinary", "ordinary"]
+    per_prompt = pd.DataFrame({"group": groups})
+    rng = np.random.default_rng(1)
+    rows = {m: rng.normal(size=(len(groups) * n, 3)) for m in ("none", "x")}
+    runs = {
+        m: MethodRun(m, [], pd.DataFrame(), per_prompt, 0.0, {}, [], r) for m, r in rows.items()
+    }
+    table = pd.DataFrame(
+        {"method": ["none", "none", "x", "x"], "group": ["memorized", "ordinary"] * 2}
+    )
+
+    def statistic(found: np.ndarray) -> float:  # any set statistic stands in for FID here
+        return float(found[:, 0].mean() ** 2 + 1.0)
+
+    out = fid_intervals(table, runs, statistic, n, n_boot=50, seed=3).set_index(["method", "group"])
+    # the same draws by hand: group by group, prompts with replacement, then their generations
+    draw = np.random.default_rng(3)
+    picks = draw.choice([0, 1, 2], size=(50, 3))
+    chosen = (picks[:, :, None] * n + np.arange(n)).reshape(50, -1)
+    value = np.array([statistic(rows["x"][c]) for c in chosen])
+    base = np.array([statistic(rows["none"][c]) for c in chosen])
+    row = out.loc[("x", "memorized")]
+    assert (row["fid_low"], row["fid_high"]) == percentile_interval(value, 0.95)
+    expected = percentile_interval(value / base - 1.0, 0.95)
+    assert (row["fid_change_low"], row["fid_change_high"]) == expected
+    assert out.loc[("none", "ordinary"), "fid_change_low"] == 0.0
