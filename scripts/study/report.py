@@ -317,6 +317,7 @@ def mitigation_section(config: StudyConfig, mitigation: dict, models: dict) -> S
             "score",
             "target_reached",
             "iterations",
+            "guided_share",
             "seconds_per_prompt",
         ]
         table = with_intervals(pd.DataFrame(mitigation["inference"]))
@@ -328,7 +329,7 @@ def mitigation_section(config: StudyConfig, mitigation: dict, models: dict) -> S
                 "and seeds; intervals: 95% bootstrap over prompts (for a change: the same "
                 "prompts resampled under both methods). target_reached: the share of the "
                 "prompts a method adjusted that reached its target; iterations: their mean "
-                "optimizer steps.",
+                "optimizer steps; guided_share: the share of sampling steps amg's gate opened.",
                 provenance(config, "finetune-cfg", mitigation["features"]),
             )
         )
