@@ -155,7 +155,9 @@ class AntiMemorizationGuidance(Mitigation):
         """The classifier-free prediction plus the three guidance terms where the gate is open."""
         eps = state.classifier_free()
         a = state.alpha_bar
-        bank = self.bank.to(eps.device)
+        if self.bank.device != eps.device:  # moved once, not at every step
+            self.bank = self.bank.to(eps.device)
+        bank = self.bank
         with torch.no_grad():
             x0 = (state.latents.float() - math.sqrt(1 - a) * eps.float()) / math.sqrt(a)
             rows = self.features(pipe, x0)
@@ -177,7 +179,7 @@ class AntiMemorizationGuidance(Mitigation):
         s2 = torch.minimum(s2, (s0 - s1 - 1).clamp(min=0))
         eps_u, eps_c = state.eps_u[open_], state.eps_c[open_]
         terms = -s1 * (eps_c - eps_u) + self.c3 * math.sqrt(1 - a) * grad
-        duplicated = [self.captions and self._duplicated[int(i)] for i in nearest[open_]]
+        duplicated = [bool(self.captions) and self._duplicated[int(i)] for i in nearest[open_]]
         dup = torch.tensor(duplicated, dtype=torch.bool, device=eps.device)
         if bool(dup.any()):
             eps_dup = self._caption_prediction(pipe, state, open_[dup], nearest[open_][dup])

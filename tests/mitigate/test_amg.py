@@ -138,6 +138,16 @@ def test_an_open_gate_changes_the_generation_and_counts_its_steps(pipe, data) ->
     assert guided.mitigation["method"] == "amg" and guided.mitigation["bank_rows"] > 0
 
 
+def test_without_captions_there_is_no_caption_term(pipe, data) -> None:  # type: ignore[no-untyped-def]
+    amg = amg_of(data, lambda_start=-1e6, lambda_end=-1e6)
+    plain = AntiMemorizationGuidance(bank=amg.bank, reference=amg.reference, c2=0.0,
+                                     lambda_start=-1e6, lambda_end=-1e6)  # fmt: skip
+    bare = AntiMemorizationGuidance(bank=amg.bank, reference=amg.reference,
+                                    lambda_start=-1e6, lambda_end=-1e6)  # fmt: skip
+    state = heading_for(pipe, data["train"]["image"][0], scale=7.5, t=501)
+    torch.testing.assert_close(bare.guide(pipe, state), plain.guide(pipe, state))
+
+
 def test_the_threshold_rises_towards_the_end_of_sampling(data) -> None:  # type: ignore[no-untyped-def]
     amg = amg_of(data)
     assert amg.threshold(999) == pytest.approx(0.3, abs=0.01)
