@@ -249,40 +249,39 @@ def fid_intervals(
     """FID's 95% interval (`fid_low` / `_high`), resampling a group's prompts with all their
     generations, and its relative change's (`fid_change_low` / `_high`): the same draws of
     prompts, for every method and for none."""
+    groups = next(iter(runs.values())).per_prompt["group"].to_numpy()
+    rng = np.random.default_rng(seed)
+    draws = {}  # group -> (n_boot, generations) rows: each draw's prompts, all generations
+    for group in dict.fromkeys(groups):
+        picks = rng.choice(np.flatnonzero(groups == group), size=(n_boot, (groups == group).sum()))
+        draws[group] = (picks[:, :, None] * n + np.arange(n)).reshape(n_boot, -1)
+    found: dict[tuple[str, str], np.ndarray] = {}
+
+    def boot(method: str, group: str) -> np.ndarray:
+        """FID of every draw of this group under this method (NaN where it is degenerate)."""
+        if (method, group) not in found:
+            rows = runs[method].quality_rows
+            found[method, group] = np.array([_fid_or_nan(fid_of, rows[d]) for d in draws[group]])
+        return found[method, group]
+
     out = table.copy()
     with warnings.catch_warnings():  # the point estimate has warned about few images already
         warnings.filterwarnings("ignore", message="FID from", category=UserWarning)
-        return _fid_intervals(out, runs, fid_of, n, n_boot, seed)
-
-
-def _fid_intervals(
-    out: pd.DataFrame, runs: dict[str, MethodRun], fid_of: FidFn, n: int, n_boot: int, seed: int
-) -> pd.DataFrame:
-    """`fid_intervals`' draws, in place on `out`."""
-
-    def fid_or_nan(rows: np.ndarray) -> float:
-        try:
-            return fid_of(rows)
-        except ChexmemError:  # a draw too degenerate for a square root (repeated prompts)
-            return float("nan")
-
-    groups = next(iter(runs.values())).per_prompt["group"].to_numpy()
-    rng = np.random.default_rng(seed)
-    draws, base = {}, {}
-    for group in dict.fromkeys(groups):
-        prompts = np.flatnonzero(groups == group)
-        picks = rng.choice(prompts, size=(n_boot, len(prompts)))
-        draws[group] = (picks[:, :, None] * n + np.arange(n)).reshape(n_boot, -1)
-        if "none" in runs:
-            base[group] = np.array([fid_or_nan(runs["none"].quality_rows[d]) for d in draws[group]])
-    for i, row in out.iterrows():
-        rows = runs[row["method"]].quality_rows
-        value = np.array([fid_or_nan(rows[d]) for d in draws[row["group"]]])
-        out.loc[i, ["fid_low", "fid_high"]] = _finite_interval(value)
-        if row["group"] in base:
-            change = value / base[row["group"]] - 1.0
-            out.loc[i, ["fid_change_low", "fid_change_high"]] = _finite_interval(change)
+        for i, row in out.iterrows():
+            value = boot(row["method"], row["group"])
+            out.loc[i, ["fid_low", "fid_high"]] = _finite_interval(value)
+            if "none" in runs:
+                change = value / boot("none", row["group"]) - 1.0
+                out.loc[i, ["fid_change_low", "fid_change_high"]] = _finite_interval(change)
     return out
+
+
+def _fid_or_nan(fid_of: FidFn, rows: np.ndarray) -> float:
+    """FID of rows, NaN for a draw too degenerate for its square root (repeated prompts)."""
+    try:
+        return fid_of(rows)
+    except ChexmemError:
+        return float("nan")
 
 
 def _finite_interval(draws: np.ndarray) -> tuple[float, float]:
