@@ -149,8 +149,8 @@ def measure(kind: str, args: argparse.Namespace, mode: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def prepare(args: argparse.Namespace, workdir: Path) -> None:
-    """Build the tiny model and a phantom dataset when none were given."""
+def prepare(args: argparse.Namespace, workdir: Path, resolution: int = 64) -> None:
+    """Build the tiny model and a phantom dataset (at `resolution`) when none were given."""
     if not args.model:
         from train.tiny_model import build_tiny_pipeline
 
@@ -159,7 +159,7 @@ def prepare(args: argparse.Namespace, workdir: Path) -> None:
         from hf_datasets.phantom import PhantomConfig, generate_phantom
         from hf_datasets.storage import save_dataset
 
-        dataset = generate_phantom(PhantomConfig(num_patients=40, resolution=64))
+        dataset = generate_phantom(PhantomConfig(num_patients=40, resolution=resolution))
         args.data = str(save_dataset(dataset, workdir / "data"))
 
 

@@ -47,6 +47,8 @@ def cmd_model_tiny(args: argparse.Namespace) -> None:
     given = {"resolution": args.resolution, "seed": args.seed}
     if args.vae_train_steps is not None:
         given["vae_train_steps"] = args.vae_train_steps
+    if args.unet_channels is not None:
+        given["unet_channels"] = tuple(args.unet_channels)
     config = TinyModelConfig(**given)
     out = build_tiny_pipeline(args.out, config, overwrite=args.overwrite)
     info = json.loads((out / "chexmem_tiny.json").read_text())
@@ -55,10 +57,24 @@ def cmd_model_tiny(args: argparse.Namespace) -> None:
     print(f"load it with StableDiffusionPipeline.from_pretrained({str(out)!r})")
 
 
+def cmd_model_random(args: argparse.Namespace) -> None:
+    """Build a random-weight pipeline at a published architecture's size."""
+    import json
+
+    from train.random_model import INFO_FILE, build_random_pipeline
+
+    out = build_random_pipeline(
+        args.out, args.configs, args.seed, args.resolution, overwrite=args.overwrite
+    )
+    info = json.loads((out / INFO_FILE).read_text())
+    counts = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in info["parameters"].items())
+    print(f"built {out} ({counts} parameters, random weights, {info['resolution']} px)")
+
+
 def add_model_command(subparsers: argparse._SubParsersAction) -> None:
-    """Register `chexmem model tiny`."""
+    """Register `chexmem model tiny` and `chexmem model random`."""
     model = subparsers.add_parser("model", help="base models for fine-tuning")
-    sub = model.add_subparsers(dest="model_command", required=True, metavar="{tiny}")
+    sub = model.add_subparsers(dest="model_command", required=True, metavar="{tiny,random}")
     p = sub.add_parser(
         "tiny", help="build the tiny offline Stable Diffusion model (the embedded default)"
     )
@@ -81,9 +97,37 @@ def add_model_command(subparsers: argparse._SubParsersAction) -> None:
         help="optimizer steps that train the tiny VAE on phantom crops (default: 300, "
         "TinyModelConfig's)",
     )
+    p.add_argument(
+        "--unet_channels",
+        type=int,
+        nargs="+",
+        metavar="C",
+        help="UNet channels per level, each a multiple of 8; they are also the width of every "
+        "cross-attention value layer NEMO searches (default: 32 64 64)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_config_flag(p)
     p.set_defaults(func=cmd_model_tiny, _parser=p)
+
+    p = sub.add_parser(
+        "random",
+        help="Stable Diffusion v1.5's architecture with random weights (speed and memory checks)",
+        description="Build SD v1.5's UNet, VAE and CLIP text encoder from the configs in "
+        "train/configs/sd15 with seeded random weights, so that training, detection and "
+        "scripts/gpu_check.py run at the real size without downloading anything.",
+    )
+    p.add_argument("--out", required=True, help="output pipeline folder")
+    p.add_argument(
+        "--configs",
+        default="sd15",
+        help="a config folder (unet/, vae/, text_encoder/, scheduler/) or a name under "
+        "train/configs (default: %(default)s)",
+    )
+    p.add_argument("--resolution", type=int, help="image side in pixels (default: the config's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_config_flag(p)
+    p.set_defaults(func=cmd_model_random, _parser=p)
 
 
 def add_train_command(subparsers: argparse._SubParsersAction) -> None:

@@ -36,6 +36,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from hf_datasets.errors import ChexmemError
 from hf_datasets.label_stats import LabelSampler
 from hf_datasets.phantom_render import render, sample_anatomy, vary_study
+from hf_datasets.storage import replace_dir
 from train.tokenizer import build_tokenizer, prompt_corpus
 
 INFO_FILE = "chexmem_tiny.json"
@@ -119,7 +120,7 @@ def build_tiny_pipeline(
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)
         (staging / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-        _replace_dir(staging, out)
+        replace_dir(staging, out, overwrite=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -479,14 +480,3 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 def _count(module: torch.nn.Module) -> int:
     """Number of parameters."""
     return sum(p.numel() for p in module.parameters())
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Move source to target, replacing target; target is never half-written."""
-    if not target.exists():
-        source.rename(target)
-        return
-    trash = target.with_name(f".{target.name}.old-{os.getpid()}")
-    target.rename(trash)
-    source.rename(target)
-    shutil.rmtree(trash, ignore_errors=True)
