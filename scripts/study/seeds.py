@@ -5,7 +5,10 @@ drawn with seed K; cached and resumable like any study). ``OUTPUT_DIR/report.htm
 ``report.md``, ``metrics.json``) then give, for every model and detector, the mean, the
 sample standard deviation and the per-seed values of each detection figure (AUC and its
 interval, TPR@1%FPR, Spearman with copies and with copy similarity, seconds per prompt,
-AUC per copy count).
+AUC per copy count) and, where the seeds ran the mitigation stage, of every mitigation row:
+each inference-time method on the memorized and the ordinary prompts, the training-time
+filter and the capacity fine-tunes (copy rate, its change, FID and its change, the methods'
+own facts, the number of memorized prompts).
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ from scripts.study.config import StudyConfig
 
 FIGURES = ("auc", "auc_low", "auc_high", "tpr_at_1pct_fpr", "spearman_copies",
            "spearman_similarity", "seconds_per_prompt")  # fmt: skip
+# mitigation figures over seeds: (file, rows key, the key naming a row)
+MITIGATION_ROWS = (("mitigation.json", "inference", "method"),
+                   ("mitigation_models.json", "training", "model"),
+                   ("mitigation_models.json", "capacity", "model"))  # fmt: skip
+MITIGATION_FIGURES = ("copy_rate", "copy_rate_change", "fid", "fid_change", "target_reached",
+                      "iterations", "guided_share", "trainable_share")  # fmt: skip
 SHOWN = ("auc", "tpr_at_1pct_fpr", "spearman_copies", "spearman_similarity", "seconds_per_prompt")
 
 
@@ -54,21 +63,45 @@ def seed_table(folders: dict[int, Path]) -> pd.DataFrame:
                 found |= {f"auc_copies_{k}": v for k, v in figures.get("by_copies", {}).items()}
                 for figure, value in found.items():
                     values.setdefault((model, detector, figure), {})[seed] = float(value)
+    return spread(values, ("model", "detector", "figure"))
+
+
+def spread(values: dict[tuple, dict[int, float]], keys: Sequence[str]) -> pd.DataFrame:
+    """One row per key tuple: its mean, sample sd (ddof 1), number of seeds and each value."""
     rows = []
-    for (model, detector, figure), per_seed in values.items():
+    for key, per_seed in values.items():
         array = np.array(list(per_seed.values()))
         rows.append(
             {
-                "model": model,
-                "detector": detector,
-                "figure": figure,
+                **dict(zip(keys, key, strict=True)),
                 "mean": float(array.mean()),
                 "sd": float(array.std(ddof=1)) if len(array) > 1 else float("nan"),
                 "seeds": len(array),
                 **{f"seed_{s}": v for s, v in per_seed.items()},
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=[*keys, "mean", "sd", "seeds"] if not rows else None)
+
+
+def mitigation_seed_table(folders: dict[int, Path]) -> pd.DataFrame:
+    """Every mitigation row's figures over the seeds that ran the mitigation stage: one row
+    per (part, name, group, figure); part: inference, training or capacity."""
+    values: dict[tuple[str, str, str, str], dict[int, float]] = {}
+    for seed, folder in folders.items():
+        for file, part, name_key in MITIGATION_ROWS:
+            path = folder / file
+            if not path.is_file():
+                continue
+            summary = json.loads(path.read_text())
+            if part == "inference" and "memorized_prompts" in summary:
+                key = ("inference", "(flagged)", "memorized", "prompts")
+                values.setdefault(key, {})[seed] = float(summary["memorized_prompts"])
+            for row in summary.get(part, []):
+                for figure in MITIGATION_FIGURES:
+                    if row.get(figure) is not None and np.isfinite(row[figure]):
+                        key = (part, row[name_key], row["group"], figure)
+                        values.setdefault(key, {})[seed] = float(row[figure])
+    return spread(values, ("part", "name", "group", "figure"))
 
 
 def write_seed_summary(config: StudyConfig, folders: dict[int, Path]) -> pd.DataFrame:
@@ -95,7 +128,42 @@ def write_seed_summary(config: StudyConfig, folders: dict[int, Path]) -> pd.Data
             )
         ],
     )
-    figures = table.astype(object).where(table.notna(), None).to_dict(orient="records")
-    metrics = {"seeds": list(folders), "detection_over_seeds": figures}
-    write_report(config.out, f"chexmem study {config.name} over seeds {seeds}", [section], metrics)
+    metrics = {"seeds": list(folders), "detection_over_seeds": records(table)}
+    sections = [section]
+    mitigation = mitigation_seed_table(folders)
+    if len(mitigation):
+        sections.append(mitigation_section(mitigation, seeds))
+        metrics["mitigation_over_seeds"] = records(mitigation)
+    write_report(config.out, f"chexmem study {config.name} over seeds {seeds}", sections, metrics)
     return table
+
+
+def records(table: pd.DataFrame) -> list[dict]:
+    """A table as JSON rows, NaN as null."""
+    return table.astype(object).where(table.notna(), None).to_dict(orient="records")
+
+
+def mitigation_section(table: pd.DataFrame, seeds: str) -> Section:
+    """The mitigation rows' mean +- sd over the seeds, one table per part."""
+    value = [f"{m:.3f} +- {s:.3f}" for m, s in zip(table["mean"], table["sd"], strict=True)]
+    tables = []
+    for part, rows in table.assign(value=value).groupby("part", sort=False):
+        wide = rows.pivot_table(index=["name", "group"], columns="figure", values="value",
+                                aggfunc="first")  # fmt: skip
+        shown = [c for c in ("prompts", *MITIGATION_FIGURES) if c in wide]
+        tables.append(
+            Table(
+                f"Mitigation over seeds: {part}",
+                wide[shown].reset_index(),
+                "mean +- sample sd over the seeds; changes relative to none (inference) or to "
+                "the plain fine-tune (training); the per-seed values are in metrics.json.",
+            )
+        )
+    return Section(
+        "Mitigation over seeds",
+        [
+            f"Seeds {seeds}: each seed's flagged prompts, copy threshold and quality features "
+            "are its own; every method within a seed shares them."
+        ],
+        tables=tables,
+    )
