@@ -154,6 +154,8 @@ def prepare_output_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
             "it or --overwrite_output_dir to start again"
         )
     if accelerator.is_main_process:
+        if config.overwrite_output_dir and out.is_symlink():
+            out.unlink()  # a link to another run (a study's reused fine-tune): never touch that
         if config.overwrite_output_dir and not config.resume_from_checkpoint and out.exists():
             for old in [*out.glob("checkpoint-*"), out / "logs", out / "validation"]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -98,19 +98,20 @@ class StudyConfig:
     )
     # capacity control needs a trained base (LoRA on a random UNet learns nothing): the tiny
     # model is first trained on other phantom patients (no duplicates), standing in for SD's
-    # pretraining; full / LoRA / subset fine-tunes then start from it, text encoder frozen.
+    # pretraining; full / LoRA / subset fine-tunes then start from it (full: the plain recipe,
+    # text encoder too; LoRA and subset: their share of the UNet only).
     # pretrain_steps 0: they start from base_model itself (SD is pretrained already)
     pretrain_patients: int = setting(300, "phantom patients (no duplicates) of the pretraining")
     pretrain_steps: int = setting(
         400, "steps pretraining the base of the capacity runs (0: start from base_model)"
     )
-    capacity_steps: int = setting(400, "steps of each capacity-control fine-tune")
+    capacity_steps: int = setting(1600, "steps of each capacity-control fine-tune")
     lora_preset: str = setting("lora_r4", "`chexmem train --trainable_preset` of the LoRA run")
     subset_preset: str = setting(
         "attention", "`chexmem train --trainable_preset` of the parameter-subset run"
     )
     finetune_from: str = setting(
-        "base",
+        "pretrained",
         "where the detection fine-tunes start: base (base_model itself) or pretrained (the base "
         "first trained pretrain_steps on pretrain_patients other patients, as SD is pretrained)",
     )

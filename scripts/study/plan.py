@@ -219,8 +219,15 @@ def mitigation_jobs(
     jobs = {}
     start = out / "pretrained" if pretrain else base
     start_needs = ["pretrained"] if pretrain else base_needs
+    plain = stages.first_round(config, base, data, pretrain)["finetune-cfg"]
     for name, run in stages.capacity_round(config, start, data).items():
         text = f"{config.capacity_steps} steps from {start.name} {' '.join(run.extra)}"
+        if stages.same_run(config, run, plain):  # finetune_from pretrained, the same steps
+            link = partial(stages.link_run, out / "finetune-cfg", out / name)
+            same = f"{text.strip()}: the same run as finetune-cfg, linked"
+            jobs[name] = Job(name, ["finetune-cfg"], {"same_as": "finetune-cfg"}, run=link,
+                             describe=same)  # fmt: skip
+            continue
         jobs[name] = train_job(config, name, run, [*start_needs, "data"], text.strip())
     study_file = str(out / "study_config.json")
     inputs = pick(config, MITIGATION_FIELDS)

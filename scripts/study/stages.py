@@ -18,6 +18,7 @@ embedded default:
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,18 +143,38 @@ def first_round(
 
 
 def capacity_round(config: StudyConfig, pretrained: Path, data: Path) -> dict[str, FineTune]:
-    """Full, LoRA and subset fine-tunes of the pretrained base (text encoder frozen)."""
+    """Full, LoRA and subset fine-tunes of the pretrained base, `capacity_steps` each.
 
-    def run(extra: list[str]) -> FineTune:
+    The full run is the plain recipe (UNet and, with train_text_encoder, the text encoder);
+    the LoRA and subset runs train only their share of the UNet (MemControl's setting).
+    """
+
+    def run(extra: list[str], text_encoder: bool = False) -> FineTune:
         return FineTune(
-            pretrained, data, extra=extra, steps=config.capacity_steps, text_encoder=False
+            pretrained, data, extra=extra, steps=config.capacity_steps, text_encoder=text_encoder
         )
 
     return {
-        "capacity-full": run([]),
+        "capacity-full": run([], text_encoder=True),
         "capacity-lora": run(["--trainable_preset", config.lora_preset]),
         "capacity-subset": run(["--trainable_preset", config.subset_preset]),
     }
+
+
+def same_run(config: StudyConfig, one: FineTune, other: FineTune) -> bool:
+    """Whether two fine-tunes train the same model (same flags but the output folder)."""
+    return train_flags(config, one, Path("-")) == train_flags(config, other, Path("-"))
+
+
+def link_run(source: Path, link: Path) -> Path:
+    """`link` names the finished fine-tune `source` (a relative symlink, replaced atomically)."""
+    staged = link.with_name(f".{link.name}.link")
+    staged.unlink(missing_ok=True)
+    staged.symlink_to(source.name if source.parent == link.parent else source.resolve())
+    if link.is_dir() and not link.is_symlink():  # a fine-tune trained here before
+        shutil.rmtree(link)
+    staged.replace(link)
+    return link
 
 
 def detection_prompts(data: Path, config: StudyConfig) -> pd.DataFrame:

@@ -69,6 +69,43 @@ def test_fine_tunes_can_start_from_the_pretrained_base(
     assert "finetune_from must be base or pretrained" in capsys.readouterr().err
 
 
+def test_the_full_capacity_run_is_the_plain_fine_tune_when_their_recipes_agree(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Same base, steps and text encoder: linked, not trained twice; other steps: trained."""
+    from scripts.study.plan import plan
+
+    jobs = {j.name: j for j in plan(StudyConfig(output_dir=str(tmp_path)))}
+    full = jobs["capacity-full"]
+    assert full.command is None and full.needs == ["finetune-cfg"]
+    (tmp_path / "finetune-cfg").mkdir()
+    (tmp_path / "finetune-cfg" / "chexmem_train.json").write_text("{}")
+    (tmp_path / "capacity-full").mkdir()  # a run an earlier config trained: replaced
+    full.run()
+    assert (tmp_path / "capacity-full").is_symlink()
+    assert (tmp_path / "capacity-full" / "chexmem_train.json").is_file()
+
+    jobs = {j.name: j for j in plan(StudyConfig(output_dir=str(tmp_path), capacity_steps=800))}
+    command = jobs["capacity-full"].command
+    assert command is not None and "--train_text_encoder" in command
+    assert "--train_text_encoder" not in jobs["capacity-lora"].command
+
+
+def test_overwriting_a_linked_run_replaces_the_link_not_what_it_names(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    from train.config import TrainConfig
+    from train.trainer import prepare_output_dir
+
+    plain = tmp_path / "finetune-cfg"
+    (plain / "logs").mkdir(parents=True)
+    (tmp_path / "capacity-full").symlink_to("finetune-cfg")
+    config = TrainConfig(output_dir=str(tmp_path / "capacity-full"), overwrite_output_dir=True,
+                         pretrained_model_name_or_path="x", train_data_dir="y")  # fmt: skip
+    out = prepare_output_dir(config, Accelerator(cpu=True))
+    assert out.is_dir() and not out.is_symlink() and (plain / "logs").is_dir()
+
+
 def _append(path: Path, text: str) -> None:
     """An in-process job: append a line to a file (so reruns are visible)."""
     with path.open("a") as f:
