@@ -80,3 +80,39 @@ def test_flops_count_matches_forward_and_backward(tiny_model) -> None:
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         unet(x, torch.tensor([500]), states).sample.sum().backward()
     assert counted == counter.get_total_flops() > 0
+
+
+def test_random_pipeline_builds_a_loadable_folder_from_a_config_folder(tmp_path) -> None:
+    """The builder reads any config folder; the result loads as an ordinary SD pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    from train.random_model import INFO_FILE, build_random_pipeline
+
+    source = config_dir("sd15")
+    small = tmp_path / "small"
+    shrink = {
+        PARTS[0]: {"block_out_channels": [32, 64], "attention_head_dim": 2,
+                   "cross_attention_dim": 32, "layers_per_block": 1, "norm_num_groups": 8,
+                   "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                   "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]},
+        PARTS[1]: {"block_out_channels": [32, 32], "layers_per_block": 1, "norm_num_groups": 8,
+                   "down_block_types": ["DownEncoderBlock2D"] * 2,
+                   "up_block_types": ["UpDecoderBlock2D"] * 2},
+        PARTS[2]: {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                   "num_attention_heads": 2, "projection_dim": 32},
+        PARTS[3]: {},
+    }  # fmt: skip
+    for part, changes in shrink.items():
+        (small / part).parent.mkdir(parents=True)
+        config = json.loads((source / part).read_text())
+        (small / part).write_text(json.dumps({**config, **changes}))
+    out = build_random_pipeline(tmp_path / "model", small, seed=1, resolution=32)
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    assert pipe.vae.config.sample_size == 32 and pipe.unet.config.sample_size == 16
+    assert pipe.text_encoder.config.vocab_size == 49408  # the published table, whatever the corpus
+    info = json.loads((out / INFO_FILE).read_text())
+    assert info["parameters"]["unet"] == sum(p.numel() for p in pipe.unet.parameters())
+    from hf_datasets.errors import ChexmemError
+
+    with pytest.raises(ChexmemError, match="already exists"):
+        build_random_pipeline(out, small)
