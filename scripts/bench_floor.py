@@ -85,7 +85,8 @@ def jvp_floor(pipe: Any, generations: int, batch: int, t: int) -> None:
     """The bare forward-mode JVPs of eps_c - eps_u through the UNet, in float32."""
     unet = pipe.unet
     original = unet.dtype
-    unet.to(torch.float32)
+    if original != torch.float32:
+        unet.to(torch.float32)
     latents, states = (v.float() for v in floor_inputs(pipe, batch))
     try:
         for size in chunks(generations, batch):
@@ -98,7 +99,8 @@ def jvp_floor(pipe: Any, generations: int, batch: int, t: int) -> None:
             with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
                 torch.func.jvp(difference, (x,), (torch.ones_like(x),))
     finally:
-        unet.to(original)
+        if original != torch.float32:
+            unet.to(original)
 
 
 def detection_seconds(
