@@ -25,6 +25,7 @@ without it. The figures are speeds and memory of random weights, never image qua
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -91,7 +92,8 @@ def peak_flops(device_name: str, dtype: str, override: float | None) -> float | 
 
 
 def reset_peak(device: torch.device) -> None:
-    """Start a new peak-memory window."""
+    """Start a new peak-memory window (after freeing what the last run left)."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
