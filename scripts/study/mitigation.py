@@ -252,6 +252,11 @@ def run_methods(config: Any, ctx: Context, model: Path, frame: pd.DataFrame) -> 
         # nearest_similarity is the prompt's best generation: does any of them copy?
         robustness["any_copy"] = robustness["nearest_similarity"] > ctx.threshold
         robustness.to_csv(out / "mitigation_robustness.csv", index=False)
+    per_prompt = [
+        run.per_prompt[["group", "copy_rate"]].rename_axis("prompt_index").reset_index()
+        .assign(method=name) for name, run in report.runs.items()
+    ]  # fmt: skip
+    pd.concat(per_prompt).to_csv(out / "mitigation_prompts.csv", index=False)  # for --seeds
     own = prompts["own_index"].astype(int).tolist()  # flagged prompts are training prompts
     comparison_grid(report, own, ctx.train_images, out / "mitigation_grid.png", 4)
     summary = {

@@ -132,10 +132,52 @@ def write_seed_summary(config: StudyConfig, folders: dict[int, Path]) -> pd.Data
     sections = [section]
     mitigation = mitigation_seed_table(folders)
     if len(mitigation):
-        sections.append(mitigation_section(mitigation, seeds))
+        pooled = pooled_copy_rates(folders)
+        sections.append(mitigation_section(mitigation, seeds, pooled))
         metrics["mitigation_over_seeds"] = records(mitigation)
+        metrics["mitigation_pooled"] = records(pooled)
     write_report(config.out, f"chexmem study {config.name} over seeds {seeds}", sections, metrics)
     return table
+
+
+def pooled_copy_rates(folders: dict[int, Path], draws: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Per (method, group): the copy rate of every seed's prompts pooled, its 95% bootstrap
+    interval (prompts resampled within each seed) and its change against none on the same
+    draws; from each seed's mitigation_prompts.csv (seeds without one are left out)."""
+    frames = {s: pd.read_csv(f / "mitigation_prompts.csv") for s, f in folders.items()
+              if (f / "mitigation_prompts.csv").is_file()}  # fmt: skip
+    rows: list[dict] = []
+    rng = np.random.default_rng(seed)
+    groups = dict.fromkeys(g for frame in frames.values() for g in frame["group"])
+    for group in groups:
+        tables = [t for t in (by_method(f, group) for f in frames.values()) if len(t)]
+        methods = [m for m in tables[0].columns if all(m in t for t in tables)]
+        if "none" not in methods:
+            continue
+        values = [t[methods].to_numpy(dtype=float) for t in tables]
+        total = sum(len(v) for v in values)
+        sums = sum(v[rng.integers(0, len(v), (draws, len(v)))].sum(axis=1) for v in values)
+        boot = sums / total  # (draws, methods)
+        point = np.concatenate(values).mean(axis=0)
+        base = methods.index("none")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            change = boot / boot[:, [base]] - 1.0
+        for i, method in enumerate(methods):
+            low, high = np.nanpercentile(change[:, i], [2.5, 97.5]) if i != base else (0, 0)
+            rows.append({
+                "method": method, "group": group, "seeds": len(values), "prompts": total,
+                "copy_rate": point[i], "copy_rate_low": np.percentile(boot[:, i], 2.5),
+                "copy_rate_high": np.percentile(boot[:, i], 97.5),
+                "copy_rate_change": point[i] / point[base] - 1.0 if point[base] else np.nan,
+                "copy_rate_change_low": low, "copy_rate_change_high": high,
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def by_method(frame: pd.DataFrame, group: str) -> pd.DataFrame:
+    """One group's per-prompt copy rates: a row per prompt, a column per method."""
+    rows = frame[frame["group"] == group]
+    return rows.pivot(index="prompt_index", columns="method", values="copy_rate")
 
 
 def records(table: pd.DataFrame) -> list[dict]:
@@ -143,8 +185,9 @@ def records(table: pd.DataFrame) -> list[dict]:
     return table.astype(object).where(table.notna(), None).to_dict(orient="records")
 
 
-def mitigation_section(table: pd.DataFrame, seeds: str) -> Section:
-    """The mitigation rows' mean +- sd over the seeds, one table per part."""
+def mitigation_section(table: pd.DataFrame, seeds: str, pooled: pd.DataFrame) -> Section:
+    """The mitigation rows' mean +- sd over the seeds, one table per part, and the pooled
+    copy rates of the inference-time methods."""
     value = [f"{m:.3f} +- {s:.3f}" for m, s in zip(table["mean"], table["sd"], strict=True)]
     tables = []
     for part, rows in table.assign(value=value).groupby("part", sort=False):
@@ -159,6 +202,13 @@ def mitigation_section(table: pd.DataFrame, seeds: str) -> Section:
                 "the plain fine-tune (training); the per-seed values are in metrics.json.",
             )
         )
+    if len(pooled):
+        tables.insert(1, Table(
+            "Inference-time methods, every seed's prompts pooled",
+            pooled.round(4),
+            "copy rate of all seeds' prompts together, 95% bootstrap interval (prompts "
+            "resampled within each seed), and its change against none on the same draws.",
+        ))  # fmt: skip
     return Section(
         "Mitigation over seeds",
         [

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from hf_datasets.storage import load_dataset_dir
@@ -208,6 +209,13 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
         assert 0 <= row["copy_rate"] <= 1 and row["fid"] >= 0
         assert row["copy_rate_low"] <= row["copy_rate"] <= row["copy_rate_high"]
         assert "copy_rate_change_low" in row
+    per_prompt = pd.read_csv(demo / "mitigation_prompts.csv")  # what --seeds pools
+    assert set(per_prompt["method"]) == methods
+    memorized = per_prompt[(per_prompt["method"] == "none") & (per_prompt["group"] == "memorized")]
+    none = next(r for r in mitigation["inference"] if r["method"] == "none" and
+                r["group"] == "memorized")  # fmt: skip
+    assert len(memorized) == none["prompts"]
+    assert memorized["copy_rate"].mean() == pytest.approx(none["copy_rate"])
     models = json.loads((demo / "mitigation_models.json").read_text())
     assert {row["model"] for row in models["training"]} == {"plain", "filter"}
     capacity = {row["model"]: row for row in models["capacity"]}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from scripts.study.config import StudyConfig
-from scripts.study.seeds import mitigation_seed_table, write_seed_summary
+from scripts.study.seeds import mitigation_seed_table, pooled_copy_rates, write_seed_summary
 
 
 def _seed_folder(root: Path, seed: int, cut: float, full_copy: float) -> Path:
@@ -52,3 +52,28 @@ def test_the_summary_reports_mitigation_when_the_seeds_ran_it(tmp_path: Path) ->
     assert ("capacity", "full") in names and ("inference", "embedding") in names
     report = (tmp_path / "report.md").read_text()
     assert "Mitigation over seeds: capacity" in report
+
+
+def test_pooled_copy_rates_resample_prompts_within_each_seed(tmp_path: Path) -> None:
+    """Pooled over seeds: the point is the mean of all prompts; none's change is 0."""
+    import pandas as pd
+
+    folders = {}
+    for seed, rates in ((0, [1.0, 1.0, 0.5]), (1, [1.0, 0.0])):
+        folder = tmp_path / f"seed-{seed}"
+        folder.mkdir()
+        rows = [{"prompt_index": i, "group": "memorized", "copy_rate": r, "method": m}
+                for m, scale in (("none", 1.0), ("amg", 0.5)) for i, r in enumerate(rates)
+                for r in [r * scale]]  # fmt: skip
+        rows.append({"prompt_index": 9, "group": "ordinary", "copy_rate": 0.0, "method": "none"})
+        pd.DataFrame(rows).to_csv(folder / "mitigation_prompts.csv", index=False)
+        folders[seed] = folder
+    folders[2] = tmp_path / "seed-2"  # no per-prompt file: left out
+    table = pooled_copy_rates(folders, draws=500).set_index(["method", "group"])
+    none, amg = table.loc[("none", "memorized")], table.loc[("amg", "memorized")]
+    assert (none["prompts"], none["seeds"]) == (5, 2)
+    assert none["copy_rate"] == pytest.approx(3.5 / 5) and none["copy_rate_change"] == 0
+    assert amg["copy_rate_change"] == pytest.approx(-0.5)
+    assert amg["copy_rate_change_low"] == pytest.approx(-0.5) == amg["copy_rate_change_high"]
+    assert none["copy_rate_low"] < none["copy_rate"] < none["copy_rate_high"]
+    assert ("none", "ordinary") in table.index  # a group with none alone still gets its rate
