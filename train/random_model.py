@@ -11,8 +11,6 @@ has SD's shape. The weights are random: the folder measures speed and memory, no
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from hf_datasets.errors import ChexmemError
-from hf_datasets.storage import replace_dir
+from train.tiny_model import save_pipeline
 from train.tokenizer import build_tokenizer, prompt_corpus
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -111,13 +109,4 @@ def build_random_pipeline(
         "resolution": pipe.vae.config.sample_size,
         "parameters": parameter_counts(pipe),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.building-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        pipe.save_pretrained(staging, safe_serialization=True)
-        (staging / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-        replace_dir(staging, out, overwrite=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+    return save_pipeline(pipe, out, INFO_FILE, info)

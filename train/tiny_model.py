@@ -114,12 +114,17 @@ def build_tiny_pipeline(
     if out.exists() and not overwrite:
         raise ChexmemError(f"{out} already exists; pass overwrite=True to replace it")
     pipeline, info = make_tiny_pipeline(config, progress)
+    return save_pipeline(pipeline, out, INFO_FILE, info)
+
+
+def save_pipeline(pipeline: Any, out: Path, info_file: str, info: dict[str, Any]) -> Path:
+    """Save a pipeline and its info JSON to a hidden sibling, then rename it to `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.building-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)
-        (staging / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        (staging / info_file).write_text(json.dumps(info, indent=1) + "\n")
         replace_dir(staging, out, overwrite=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
