@@ -30,7 +30,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import tempfile
 import time
 from collections.abc import Sequence
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from scripts.bench_train import peak_rss_mb
 
 # dense (no sparsity) peak FLOP/s by device name fragment and precision
 PEAK_FLOPS = {
@@ -103,7 +104,7 @@ def peak_memory_gib(device: torch.device) -> float:
     """Peak GPU memory allocated since `reset_peak` (on a CPU: the process's peak RSS)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_mb() / 1024
 
 
 def unet_train_flops(model: str, resolution: int) -> float:

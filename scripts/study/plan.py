@@ -125,7 +125,9 @@ def plan(config: StudyConfig) -> list[Job]:
         text = f"{steps} steps, conditioning dropout {run.dropout} {' '.join(run.extra)}"
         trains[name] = train_job(config, name, run, needs, text.strip())
     detect = detection_jobs(config, base_needs)
-    later = {} if config.skip_mitigation else mitigation_jobs(config, base, base_needs, pretrain)
+    later = {}
+    if not config.skip_mitigation:
+        later = mitigation_jobs(config, base, base_needs, pretrain, first["finetune-cfg"])
     # the order is the priority when processes are scarce: the longest jobs first. On the
     # demo's 2 cores this ends within 5% of (total work / cores) in a simulation of the
     # measured job times; putting the CFG model's chain first ended ~20% later
@@ -212,14 +214,17 @@ def detection_jobs(config: StudyConfig, base_needs: list[str]) -> dict[str, Job]
 
 
 def mitigation_jobs(
-    config: StudyConfig, base: Path, base_needs: list[str], pretrain: Path | None
+    config: StudyConfig,
+    base: Path,
+    base_needs: list[str],
+    pretrain: Path | None,
+    plain: stages.FineTune,
 ) -> dict[str, Job]:
     """The capacity fine-tunes and both parts of the mitigation stage."""
     out, data = config.out, config.out / "data"
     jobs = {}
     start = out / "pretrained" if pretrain else base
     start_needs = ["pretrained"] if pretrain else base_needs
-    plain = stages.first_round(config, base, data, pretrain)["finetune-cfg"]
     for name, run in stages.capacity_round(config, start, data).items():
         text = f"{config.capacity_steps} steps from {start.name} {' '.join(run.extra)}"
         if stages.same_run(config, run, plain):  # finetune_from pretrained, the same steps

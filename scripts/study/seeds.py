@@ -107,7 +107,7 @@ def mitigation_seed_table(folders: dict[int, Path]) -> pd.DataFrame:
 def write_seed_summary(config: StudyConfig, folders: dict[int, Path]) -> pd.DataFrame:
     """OUTPUT_DIR/report.md, report.html and metrics.json: every figure's mean +- sd."""
     table = seed_table(folders)
-    value = [f"{m:.3f} +- {s:.3f}" for m, s in zip(table["mean"], table["sd"], strict=True)]
+    value = mean_sd(table)
     wide = table.assign(value=value).pivot_table(
         index=["model", "detector"], columns="figure", values="value", aggfunc="first"
     )
@@ -180,6 +180,11 @@ def by_method(frame: pd.DataFrame, group: str) -> pd.DataFrame:
     return rows.pivot(index="prompt_index", columns="method", values="copy_rate")
 
 
+def mean_sd(table: pd.DataFrame) -> list[str]:
+    """Each row's mean +- sd, as the reports print it."""
+    return [f"{m:.3f} +- {s:.3f}" for m, s in zip(table["mean"], table["sd"], strict=True)]
+
+
 def records(table: pd.DataFrame) -> list[dict]:
     """A table as JSON rows, NaN as null."""
     return table.astype(object).where(table.notna(), None).to_dict(orient="records")
@@ -188,7 +193,7 @@ def records(table: pd.DataFrame) -> list[dict]:
 def mitigation_section(table: pd.DataFrame, seeds: str, pooled: pd.DataFrame) -> Section:
     """The mitigation rows' mean +- sd over the seeds, one table per part, and the pooled
     copy rates of the inference-time methods."""
-    value = [f"{m:.3f} +- {s:.3f}" for m, s in zip(table["mean"], table["sd"], strict=True)]
+    value = mean_sd(table)
     tables = []
     for part, rows in table.assign(value=value).groupby("part", sort=False):
         wide = rows.pivot_table(index=["name", "group"], columns="figure", values="value",
