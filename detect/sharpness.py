@@ -70,7 +70,8 @@ class Sharpness(Detector):
         contexts = contexts.to(device, dtype)
         values = np.zeros(len(first.latents))
         original = unet.dtype
-        unet.to(dtype)  # the reference code runs its JVP in float32 too
+        if original != dtype:
+            unet.to(dtype)  # the reference code runs its JVP in float32 too
         try:
             for start in range(0, len(values), run.config.batch_size):
                 stop = min(start + run.config.batch_size, len(values))
@@ -80,6 +81,7 @@ class Sharpness(Detector):
                 norms = sharpness_of_batch(unet, x, first.timestep, context, tangent.to(dtype))
                 values[start:stop] = norms.cpu().numpy()
         finally:
-            unet.to(original)
+            if original != dtype:
+                unet.to(original)
         sigma2 = sigma_squared(run.pipe.scheduler.config, first.timestep)
         return pd.DataFrame({"score_sharpness": run.by_prompt(values / sigma2)})

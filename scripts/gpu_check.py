@@ -148,7 +148,7 @@ def train_run(
             resolution=args.resolution,
             train_batch_size=args.train_batch,
             max_train_steps=args.train_warmup + args.train_steps,
-            mixed_precision=args.train_dtype if device.type == "cuda" else "no",
+            mixed_precision=train_precision(args),
             checkpointing_steps=0,
             logging_steps=1,
             report_to="jsonl",
@@ -161,6 +161,11 @@ def train_run(
         "samples_per_s": args.train_steps * args.train_batch / (times[last] - times[first]),
         "peak_memory_gib": peak_memory_gib(device),
     }
+
+
+def train_precision(args: argparse.Namespace) -> str:
+    """The mixed precision the training runs use: the asked one on CUDA, "no" elsewhere."""
+    return args.train_dtype if torch.device(args.device).type == "cuda" else "no"
 
 
 def train_figures(model: str, data: str, args: argparse.Namespace, env: dict) -> dict[str, Any]:
@@ -185,7 +190,7 @@ def train_figures(model: str, data: str, args: argparse.Namespace, env: dict) ->
     return {
         "resolution": args.resolution,
         "batch": args.train_batch,
-        "dtype": args.train_dtype,
+        "dtype": train_precision(args),  # what ran: a CPU trains in float32
         "timed_steps": args.train_steps,
         "unet_train_flops_per_sample": flops,
         "peak_flops": peak,
