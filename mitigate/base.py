@@ -40,6 +40,8 @@ class StudySetup:
     bank: Any = None  # detect.similarity.TrainingBank of the training images (pixel NCC)
     captions: tuple[str, ...] = ()  # the training prompts, one per bank row
     held_out_similarity: float | None = None  # median nearest-training NCC of held-out images
+    flagged_prompts: tuple[str, ...] = ()  # the training prompts the detector flagged
+    evaluated_prompts: tuple[str, ...] = ()  # every prompt the study scores the methods on
 
 
 class Mitigation:

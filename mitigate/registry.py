@@ -17,6 +17,7 @@ MITIGATIONS = {
     "random_tokens": "mitigate.tokens:RandomTokenAddition",
     "attention_scaling": "mitigate.attention:AttentionScaling",
     "amg": "mitigate.amg:AntiMemorizationGuidance",
+    "uce": "mitigate.uce:ConceptEdit",
 }
 
 

@@ -107,12 +107,24 @@ def comparison_grid(
     contact_sheet(tiles, captions, tile=96, columns=len(methods) + 1, caption_lines=2).save(path)
 
 
-def compare_models(config: Any, models: dict[str, Path], setup: EvaluationSetup) -> pd.DataFrame:
-    """Each model, unmitigated, on the same prompts and seeds: one row per (model, group)."""
+def compare_models(
+    config: Any,
+    models: dict[str, Path],
+    setup: EvaluationSetup,
+    done: dict[Path, pd.DataFrame] | None = None,
+) -> pd.DataFrame:
+    """Each model, unmitigated, on the same prompts and seeds: one row per (model, group).
+
+    `done` keeps each evaluated folder's table, so a run linked under two names (the full
+    capacity run is the plain fine-tune) is generated once.
+    """
+    done = {} if done is None else done
     rows = []
     for name, path in models.items():
-        table = evaluate_methods(config.load(path), setup, {"none": Mitigation()}).table
-        rows.append(table.drop(columns="method").assign(model=name))
+        key = Path(path).resolve()
+        if key not in done:
+            done[key] = evaluate_methods(config.load(path), setup, {"none": Mitigation()}).table
+        rows.append(done[key].drop(columns="method").assign(model=name))
     return pd.concat(rows, ignore_index=True)
 
 
@@ -202,14 +214,20 @@ def prepare(config: Any, data: Path) -> Context:
 
 
 def inference_methods(
-    config: Any, ctx: Context, neurons: NeuronDeactivation, targets: tuple[float, float]
+    config: Any,
+    ctx: Context,
+    neurons: NeuronDeactivation,
+    targets: tuple[float, float],
+    prompts: pd.DataFrame,
 ) -> dict[str, Mitigation]:
     """None, and each method the study names in the registry's order, in the setting its
-    class chose for studies (`study_variants`: the benchmarks' settings)."""
+    class chose for studies (`study_variants`: the benchmarks' settings); `prompts` are the
+    flagged (group memorized) and ordinary prompts the methods are scored on."""
     flag, embedding_target = targets
+    flagged = tuple(prompts.loc[prompts["group"] == "memorized", "prompt"])
     setup = StudySetup(config.inference_steps, config.seed, flag, embedding_target, neurons,
                        tuple(config.random_tokens), ctx.bank, ctx.captions,
-                       ctx.held_out_similarity)  # fmt: skip
+                       ctx.held_out_similarity, flagged, tuple(prompts["prompt"]))  # fmt: skip
     methods: dict[str, Mitigation] = {"none": Mitigation()}
     for name in study_methods():
         if name in config.methods:
@@ -238,7 +256,7 @@ def run_methods(config: Any, ctx: Context, model: Path, frame: pd.DataFrame) -> 
     neurons = NeuronDeactivation.from_report(nemo)
     neurons.to_json(out / "mitigation_neurons.json")
     print(f"NEMO: tau_mem {tau_mem:.3f}, {neurons.describe()['num_neurons']} neurons blocked")
-    methods = inference_methods(config, ctx, neurons, (target, embedding_target))
+    methods = inference_methods(config, ctx, neurons, (target, embedding_target), prompts)
     report = evaluate_methods(pipe, ctx.setup(prompts), methods)
     # does a small perturbation of e_p bring copying back once the neurons are blocked?
     flagged = prompts[prompts["group"] == "memorized"]
@@ -304,12 +322,12 @@ def run_models(
 ) -> dict[str, Any]:
     """The filtered and the capacity-controlled fine-tunes against their references."""
     truth = ctx.setup(ground_truth_prompts(frame))
-    training = compare_models(
-        config, {"plain": models["finetune-cfg"], "filter": models["finetune-cfg-filter"]}, truth
-    )
+    done: dict[Path, pd.DataFrame] = {}
+    training_runs = {"plain": models["finetune-cfg"], "filter": models["finetune-cfg-filter"]}
+    training = compare_models(config, training_runs, truth, done)
     capacity_runs = {"full": "capacity-full", "lora_r4": "capacity-lora",
                      "subset": "capacity-subset"}  # fmt: skip
-    capacity = compare_models(config, {k: models[v] for k, v in capacity_runs.items()}, truth)
+    capacity = compare_models(config, {k: models[v] for k, v in capacity_runs.items()}, truth, done)
     capacity["trainable_share"] = capacity["model"].map(
         {k: _share(models[v]) for k, v in capacity_runs.items()}
     )

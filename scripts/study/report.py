@@ -522,6 +522,8 @@ def hub_repos(config: StudyConfig) -> dict[str, Path]:
     repos: dict[str, Path] = {}
     for name in TRAIN_RUNS:
         folder = config.out / name
+        if folder.is_symlink():  # the same run as another (capacity-full): published once
+            continue
         if (folder / "chexmem_train.json").is_file():
             write_model_card(folder, study_metrics=model_metrics(metrics, name))
             repos[f"{config.hub_model_id}-{name}"] = folder

@@ -117,7 +117,7 @@ DEMO_FLAGS = [
     "--num_patients", "12", "--duplicated_rows", "2", "--copies", "4", "--max_train_steps", "4",
     "--train_batch_size", "4", "--vae_train_steps", "5", "--ordinary_prompts", "3",
     "--held_out_prompts", "2", "--generations_per_prompt", "2", "--inference_steps", "2",
-    "--pretrain_patients", "8", "--pretrain_steps", "2", "--capacity_steps", "2",
+    "--pretrain_patients", "8", "--pretrain_steps", "2", "--capacity_steps", "4",
     "--heatmap_prompts", "2",
 ]  # fmt: skip
 
@@ -221,6 +221,14 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
     capacity = {row["model"]: row for row in models["capacity"]}
     assert set(capacity) == {"full", "lora_r4", "subset"}
     assert capacity["lora_r4"]["trainable_share"] < capacity["full"]["trainable_share"]
+    # the full capacity run is the plain fine-tune, linked: generated once, reported twice
+    assert (demo / "capacity-full").is_symlink()
+    rows = {k: pd.DataFrame([r for r in models[k] if r["model"] in ("full", "plain")])
+            for k in ("training", "capacity")}  # fmt: skip
+    pd.testing.assert_frame_equal(
+        rows["capacity"].drop(columns=["model", "trainable_share"]),
+        rows["training"].drop(columns="model"),
+    )
     run = json.loads((demo / "finetune-cfg-filter" / "chexmem_train.json").read_text())
     assert run["sample_weighting"]["samples_seen"] > 0
     assert run["sample_weighting"]["weighter"]["per_timestep"] is True
@@ -261,7 +269,8 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
 
     settings = json.loads((demo / "study_config.json").read_text())
     repos = hub_repos(StudyConfig(**{**settings, "hub_model_id": "me/study"}))
-    assert set(repos) == {f"me/study-{n}" for n in metrics_runs} | {"me/study-study"}
+    published = metrics_runs - {"capacity-full"}  # linked to finetune-cfg: published once
+    assert set(repos) == {f"me/study-{n}" for n in published} | {"me/study-study"}
     card = (repos["me/study-finetune-cfg"] / "README.md").read_text()
     assert "Memorization measured by the chexmem study" in card
     assert f"| detection AUC (duplicated vs held-out, step 1) | {auc:.4g} |" in card
