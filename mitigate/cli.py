@@ -73,6 +73,8 @@ def build_method(
         return method
     if name == "amg":
         return amg_method(args, settings)
+    if name == "uce":
+        return uce_method(args, settings)
     if name == "neurons":
         from mitigate.neurons import NeuronDeactivation
 
@@ -100,6 +102,26 @@ def amg_method(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
         list(train["image"]), list(train["prompt"]), list(held_out["image"]), **settings
     )
     print(f"amg: {len(train)} training images; similarity zero at NCC {method.reference:.4f}")
+    return method
+
+
+def uce_method(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
+    """Unified concept editing of the prompts of --erase_prompts, preserving the other
+    prompts of --training_dataset's train split."""
+    from detect.prompt_sets import read_prompt_file
+    from hf_datasets.storage import load_dataset_dir
+    from mitigate.uce import ConceptEdit
+
+    if "prompts" not in settings:
+        if not args.erase_prompts:
+            raise ChexmemError("--method uce needs the prompts to erase: give --erase_prompts")
+        settings["prompts"] = tuple(read_prompt_file(args.erase_prompts)["prompt"])
+    erased = set(settings["prompts"])
+    if "preserve_prompts" not in settings and args.training_dataset:
+        captions = load_dataset_dir(args.training_dataset)["train"]["prompt"]
+        settings["preserve_prompts"] = tuple(dict.fromkeys(c for c in captions if c not in erased))
+    method = ConceptEdit(**settings)
+    print(f"uce: {len(method.prompts)} prompts erased, {len(method.preserve_prompts)} preserved")
     return method
 
 
@@ -284,7 +306,12 @@ def add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--training_dataset",
         help="saved dataset for method amg: generations are guided away from its train split; "
-        "its --calibration_split sets the similarity's zero (evaluate: --dataset by default)",
+        "its --calibration_split sets the similarity's zero (evaluate: --dataset by default); "
+        "for method uce: its train prompts, less the erased ones, are preserved",
+    )
+    p.add_argument(
+        "--erase_prompts",
+        help="prompt file (e.g. the flagged prompts) whose prompts method uce edits away",
     )
 
 

@@ -120,12 +120,13 @@ def test_cli_generate_and_evaluate(tiny_model: Path, phantom_data: Path, tmp_pat
     classifier.save(tmp_path / "classifier")
     out = tmp_path / "eval"
     code = main(["mitigate", "evaluate", *common, "--prompts", str(prompts), "--dataset",
-                 str(phantom_data), "--methods", "none", "amg", "--output_dir", str(out),
+                 str(phantom_data), "--methods", "none", "amg", "uce", "--output_dir", str(out),
+                 "--erase_prompts", str(prompts),
                  "--classifier", str(tmp_path / "classifier"),
                  "--num_generations", "2"])  # fmt: skip
     assert code == 0
     table = pd.read_csv(out / "mitigation.csv")
-    assert list(table["group"]) == ["memorized", "ordinary"] * 2
+    assert list(table["group"]) == ["memorized", "ordinary"] * 3
     # amg guides away from --dataset's training images; its facts: the steps it acted on
     assert table.loc[table["method"] == "amg", "guided_share"].between(0, 1).all()
     # FID with its interval over prompts, and its change against none's on the same draws
@@ -136,6 +137,12 @@ def test_cli_generate_and_evaluate(tiny_model: Path, phantom_data: Path, tmp_pat
     assert (table["fid"] >= 0).all() and "fidelity" in table
     saved = json.loads((out / "mitigation.json").read_text())
     assert saved["threshold"] == saved["threshold_calibration"]["value"] > 0
+    # uce erased the prompt file's 2 prompts and preserved the rest of --dataset's train split
+    kept = len(set(train["prompt"]) - set(train["prompt"][:2]))
+    assert saved["methods"]["uce"] == {
+        "method": "uce", "prompts": 2, "target_prompt": "", "preserve_prompts": kept,
+        "lamb": 0.1, "erase_scale": 1.0, "preserve_scale": 0.1, "edit_keys": True,
+    }  # fmt: skip
     assert saved["threshold_calibration"]["status"] == "few_values"  # 5 held-out images
 
 
@@ -150,6 +157,10 @@ def test_cli_names_what_is_missing(tiny_model: Path, tmp_path: Path, capsys) -> 
                  "--method", "amg", "--num_inference_steps", "2"])  # fmt: skip
     assert code == 2
     assert "--training_dataset" in capsys.readouterr().err
+    code = main(["mitigate", "generate", "--model", str(tiny_model), "--prompts", str(prompts),
+                 "--method", "uce", "--num_inference_steps", "2"])  # fmt: skip
+    assert code == 2
+    assert "--erase_prompts" in capsys.readouterr().err
 
 
 def test_evaluate_prompts_without_a_prompt_column_is_one_line(
