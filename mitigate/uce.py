@@ -16,6 +16,8 @@ unified-concept-editing, ``train-scripts/train_erase.py``, technique "replace"):
 - P: every token of each preserved prompt, and of the empty prompt (the unconditional branch
   of classifier-free guidance), kept where they were.
 - lambda 0.1, e 1.0 and p 0.1 are the authors' defaults.
+- ``erase_tokens="all"`` (not the paper's) edits every token after BOS instead, position by
+  position against the target's: a memorized prompt is a whole caption, not one word.
 
 Applied to memorization, E is the flagged training prompts and the target is the empty
 prompt: the edited model generates for a flagged prompt what it generates unconditionally.
@@ -107,10 +109,15 @@ class ConceptEdit(Mitigation):
     erase_scale: float = 1.0
     preserve_scale: float = 0.1
     edit_keys: bool = True
+    erase_tokens: str = "final"  # "final": from the last word token on (the paper's); "all"
 
     def __post_init__(self) -> None:
         if not self.prompts:
             raise ChexmemError("uce needs the prompts to erase (prompts=...): none given")
+        if self.erase_tokens not in ("final", "all"):
+            raise ChexmemError(
+                f"uce's erase_tokens must be final or all, not {self.erase_tokens!r}"
+            )
         if min(self.lamb, self.erase_scale, self.preserve_scale) < 0:
             raise ChexmemError("uce's lamb, erase_scale and preserve_scale must be >= 0")
         self.prompts, self.preserve_prompts = tuple(self.prompts), tuple(self.preserve_prompts)
@@ -133,8 +140,12 @@ class ConceptEdit(Mitigation):
 
     def edited_weights(self, pipe: Any) -> dict[str, torch.Tensor]:
         """The edited weight of every projection, computed from `pipe`'s current weights."""
-        (target,) = final_token_embeddings(pipe, [self.target_prompt])
-        erase = [aligned(e, target) for e in final_token_embeddings(pipe, self.prompts)]
+        if self.erase_tokens == "all":  # every token after BOS, position by position
+            (target,) = encode_prompts(pipe, [self.target_prompt]).float()[:, 1:]
+            erase = [(e, target) for e in encode_prompts(pipe, self.prompts).float()[:, 1:]]
+        else:
+            (target,) = final_token_embeddings(pipe, [self.target_prompt])
+            erase = [aligned(e, target) for e in final_token_embeddings(pipe, self.prompts)]
         preserve = list(encode_prompts(pipe, ["", *self.preserve_prompts]).float())
         layers = cross_attention_projections(pipe.unet, keys=self.edit_keys)
         return {

@@ -142,6 +142,7 @@ def test_cli_generate_and_evaluate(tiny_model: Path, phantom_data: Path, tmp_pat
     assert saved["methods"]["uce"] == {
         "method": "uce", "prompts": 2, "target_prompt": "", "preserve_prompts": kept,
         "lamb": 0.1, "erase_scale": 1.0, "preserve_scale": 0.1, "edit_keys": True,
+        "erase_tokens": "final",
     }  # fmt: skip
     assert saved["threshold_calibration"]["status"] == "few_values"  # 5 held-out images
 

@@ -110,7 +110,7 @@ def test_active_restores_the_weights_and_apply_generates_what_active_does(
     assert torch.allclose(permanent.result.final_latents, mitigated.result.final_latents, atol=1e-5)
     assert method.describe() == {
         "method": "uce", "prompts": 2, "target_prompt": "", "preserve_prompts": 6, "lamb": 0.1,
-        "erase_scale": 1.0, "preserve_scale": 0.1, "edit_keys": True,
+        "erase_scale": 1.0, "preserve_scale": 0.1, "edit_keys": True, "erase_tokens": "final",
     }  # fmt: skip
 
 
@@ -128,3 +128,18 @@ def test_bad_settings_say_what_to_fix() -> None:
         make_mitigation("uce")
     with pytest.raises(ChexmemError, match=">= 0"):
         ConceptEdit(prompts=("a",), lamb=-1.0)
+    with pytest.raises(ChexmemError, match="final or all"):
+        ConceptEdit(prompts=("a",), erase_tokens="first")
+
+
+def test_erasing_all_tokens_moves_every_token_after_bos_towards_the_target(
+    pipe: StableDiffusionPipeline, prompts: list[str]
+) -> None:
+    method = ConceptEdit(prompts=(prompts[0],), target_prompt="Frontal chest radiograph.",
+                         erase_tokens="all")  # fmt: skip
+    edited = method.edited_weights(pipe)
+    erased, target = encode_prompts(pipe, [prompts[0], method.target_prompt]).float()[:, 1:]
+    for name, layer in cross_attention_projections(pipe.unet).items():
+        w = layer.weight.detach()
+        before = (erased @ w.T - target @ w.T).norm()
+        assert (erased @ edited[name].T - target @ w.T).norm() < 0.5 * before
