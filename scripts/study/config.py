@@ -138,6 +138,13 @@ class StudyConfig:
         ["embedding", "neurons", "trigger_tokens", "random_tokens", "amg"],
         f"inference-time mitigations compared with none ({', '.join(study_methods())})",
     )
+    mitigation_prompts: str = setting(
+        "flagged",
+        "prompts the inference-time methods are scored on: flagged (the training prompts the "
+        "detector flags, as a deployed model would) or duplicated (the injected duplicates, "
+        "the ground truth: more prompts, as Wen et al. score on known memorized prompts)",
+        choices=("flagged", "duplicated"),
+    )
     random_tokens: list[int] = setting([4], "random_tokens: tokens added, one variant per count")
     robustness_sigmas: list[float] = setting(
         [0.0, 0.1], "noise scales added to the prompt embedding in the NEMO robustness check"

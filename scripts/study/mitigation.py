@@ -36,6 +36,7 @@ from detect.magnitude import MagnitudeConfig
 from detect.neurons import NemoConfig, calibrate_threshold, localize_prompts, reference_statistics
 from detect.similarity import NCCEmbedder, TrainingBank, nearest
 from detect.similarity import calibrate_threshold as copy_threshold
+from hf_datasets.errors import ChexmemError
 from hf_datasets.show import contact_sheet
 from hf_datasets.storage import load_dataset_dir
 from mitigate.base import Mitigation, StudySetup
@@ -64,6 +65,19 @@ def ground_truth_prompts(frame: pd.DataFrame) -> pd.DataFrame:
     """The duplicated rows and the ordinary training prompts, as injected."""
     table = frame[frame["group"].isin(["duplicated", "ordinary"])].reset_index(drop=True)
     return table.rename(columns={"train_index": "own_index"})
+
+
+def scored_prompts(frame: pd.DataFrame, source: str, target: float) -> tuple[pd.DataFrame, str]:
+    """The memorized and ordinary prompts the methods are scored on, and what they are:
+    `source` flagged (detector score >= target) or duplicated (the injected ground truth)."""
+    if source == "duplicated":
+        prompts = ground_truth_prompts(frame).replace({"group": {"duplicated": "memorized"}})
+        return prompts, "duplicated training prompts (the injected ground truth)"
+    if source != "flagged":
+        raise ChexmemError(f"mitigation_prompts must be flagged or duplicated, not {source!r}")
+    chosen = (f"training prompts flagged (step-1 score >= {target:.3f}, the 95th percentile "
+              "of held-out prompts)")  # fmt: skip
+    return flagged_prompts(frame, target), chosen
 
 
 def localize(pipe: Any, memorized: list[str], reference: list[str], steps: int, seed: int) -> Any:
@@ -244,11 +258,10 @@ def run_methods(config: Any, ctx: Context, model: Path, frame: pd.DataFrame) -> 
     # the copies in place on the tiny model (docs/benchmarks.md)
     embedding = calibrate_target(held_out_scores, TARGET_QUANTILE, fix=MORE_HELD_OUT)
     target, embedding_target = flag.value, embedding.value
-    prompts = flagged_prompts(frame, target)
+    prompts, chosen = scored_prompts(frame, config.mitigation_prompts, target)
     memorized = list(prompts.loc[prompts["group"] == "memorized", "prompt"])
     pipe = config.load(model)
-    print(f"{len(memorized)} training prompts flagged (step-1 score >= {target:.3f}, the 95th "
-          f"percentile of held-out prompts); copy threshold NCC {ctx.threshold:.3f}")  # fmt: skip
+    print(f"{len(memorized)} {chosen}; copy threshold NCC {ctx.threshold:.3f}")
     nemo, tau_calibration = localize(
         pipe, memorized, list(ctx.held_out["prompt"]), config.inference_steps, config.seed
     )
@@ -290,6 +303,7 @@ def run_methods(config: Any, ctx: Context, model: Path, frame: pd.DataFrame) -> 
         },
         "features": ctx.metrics.extractor.name,
         "memorized_prompts": len(memorized),
+        "memorized_from": config.mitigation_prompts,  # flagged by the detector, or duplicated
         "ordinary_prompts": int((prompts["group"] == "ordinary").sum()),
         "nemo": {
             "tau_mem": tau_mem,

@@ -33,6 +33,7 @@ DETECT_FIELDS = (
 )
 MITIGATION_FIELDS = (
     "methods",
+    "mitigation_prompts",
     "generations_per_prompt",
     "inference_steps",
     "seed",

@@ -207,3 +207,30 @@ def test_nemo_termination_counts_the_prompts_its_search_ended_on_by_its_rule() -
     line = nemo_sentence({"tau_mem": 0.4, "terminated": found})
     assert "3 of 4 flagged prompts memorized" in line and "on 2 (50% of the flagged)" in line
     assert nemo_termination(summary.iloc[:0])["removed"] == 0
+
+
+def test_methods_are_scored_on_the_flagged_or_on_the_duplicated_prompts() -> None:
+    from scripts.study.mitigation import scored_prompts
+    from scripts.study.plan import plan
+
+    frame = pd.DataFrame(
+        {
+            "prompt": ["d1", "d2", "o1", "o2", "h1"],
+            "group": ["duplicated", "duplicated", "ordinary", "ordinary", "held_out"],
+            "score_step1": [2.0, 0.5, 1.5, 0.1, 3.0],
+            "train_index": [0, 1, 2, 3, -1],
+        }
+    )
+    flagged, text = scored_prompts(frame, "flagged", 1.0)
+    # flagged: training prompts over the flag, whatever their group (o1 too); never held-out
+    assert dict(zip(flagged["prompt"], flagged["group"], strict=True)) == {
+        "d1": "memorized", "o1": "memorized", "o2": "ordinary"}  # fmt: skip
+    assert "flagged (step-1 score >= 1.000" in text
+    truth, text = scored_prompts(frame, "duplicated", 1.0)
+    assert dict(zip(truth["prompt"], truth["group"], strict=True)) == {
+        "d1": "memorized", "d2": "memorized", "o1": "ordinary", "o2": "ordinary"}  # fmt: skip
+    assert list(truth["own_index"]) == [0, 1, 2, 3] and "ground truth" in text
+    with pytest.raises(ChexmemError, match="flagged or duplicated"):
+        scored_prompts(frame, "all", 1.0)
+    jobs = {j.name: j for j in plan(StudyConfig(mitigation_prompts="duplicated"))}
+    assert jobs["mitigate-methods"].inputs["mitigation_prompts"] == "duplicated"
