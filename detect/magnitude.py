@@ -123,16 +123,21 @@ def seed_of(prompt_id: int, generation: int, seed: int = 0) -> int:
     return seed + SEED_STRIDE * prompt_id + generation
 
 
-@torch.no_grad()
-def encode_prompts(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
-    """Text-encoder outputs e_p (P, tokens, dim) of prompts, padded as SD pads them."""
-    tokens = pipe.tokenizer(
+def tokenize_prompts(pipe: Any, prompts: Sequence[str]) -> Any:
+    """The tokenizer's batch of prompts (input_ids, attention_mask), padded as SD pads them."""
+    return pipe.tokenizer(
         list(prompts),
         padding="max_length",
         max_length=pipe.tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
-    ).input_ids.to(pipe.unet.device)
+    )
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """Text-encoder outputs e_p (P, tokens, dim) of prompts, padded as SD pads them."""
+    tokens = tokenize_prompts(pipe, prompts).input_ids.to(pipe.unet.device)
     return pipe.text_encoder(tokens, return_dict=False)[0].to(pipe.unet.dtype)
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from detect.magnitude import encode_prompts
+from detect.magnitude import encode_prompts, tokenize_prompts
 from hf_datasets.errors import ChexmemError
 from mitigate.base import Mitigation, StudySetup
 
@@ -53,13 +53,7 @@ def cross_attention_projections(unet: Any, keys: bool = True) -> dict[str, torch
 @torch.no_grad()
 def final_token_embeddings(pipe: Any, prompts: Sequence[str]) -> list[torch.Tensor]:
     """Each prompt's text-encoder output from its last word token to the end, (T_i, dim)."""
-    mask = pipe.tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).attention_mask
+    mask = tokenize_prompts(pipe, prompts).attention_mask
     embeddings = encode_prompts(pipe, prompts).float()
     # attention_mask counts BOS and EOS: the last word token is two before the mask's end
     return [e[max(int(m.sum()) - 2, 0) :] for e, m in zip(embeddings, mask, strict=True)]
