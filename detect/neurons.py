@@ -26,6 +26,9 @@ has 7 such layers in its down and mid blocks (320, 320, 640, 640, 1280, 1280, 12
   (not below 1) and raise k by one. Refinement then re-enables whole layers, last to first,
   then single neurons (least OOD first), wherever the score stays at most ``tau_mem`` (or at
   the level the initial selection reached, when it never got there).
+* Reach: each memorized prompt also records its score with every searched neuron blocked
+  (`score_all_blocked`). Where even that stays above ``tau_mem`` the rule cannot end the
+  search in practice: the prediction's structure does not pass through these channels.
 
 Blocking is a forward hook on each chosen ``to_v`` that multiplies its output channels by 0
 (`blocked`, removed on exit) or, permanently, zeroed rows of ``W_v`` (`zero_neurons`).
@@ -475,6 +478,8 @@ class NeuronResult:
     kept_seeds: list[int] = field(default_factory=list)
     unet_calls: int = 0
     seconds: float = 0.0
+    # the score with every searched neuron blocked; above tau_mem, the rule is out of reach
+    score_all_blocked: float = float("nan")
 
     @property
     def num_neurons(self) -> int:
@@ -542,6 +547,8 @@ def localize_neurons(
         deltas = probe.deltas(_as_set(pairs, layers), kept)
         return float(ssim(base_kept, deltas, config.ssim_window, config.ssim_sigma).max())
 
+    score_all_blocked = score({(name, c) for name in layers for c in range(sizes[name])})
+
     selected: set[tuple[str, int]] = set()
     current, theta, k, iterations = 1.0, config.theta_start, 0, 0
     while iterations < config.max_iterations:
@@ -586,6 +593,7 @@ def localize_neurons(
         kept_seeds=[probe.seeds[int(i)] for i in kept],
         unet_calls=probe.calls,
         seconds=time.perf_counter() - started,
+        score_all_blocked=score_all_blocked,
     )
 
 
@@ -662,6 +670,7 @@ def localize_prompts(
             "score_initial": [r.score_initial for r in results],
             "score_final": [r.score_final for r in results],
             "similarity_after": [r.similarity_after for r in results],
+            "score_all_blocked": [r.score_all_blocked for r in results],
             "iterations": [r.iterations for r in results],
             "seconds": [r.seconds for r in results],
         }

@@ -88,15 +88,20 @@ def localize(pipe: Any, memorized: list[str], reference: list[str], steps: int, 
     return localize_prompts(pipe, memorized, stats, tau, nemo), tau
 
 
-def nemo_termination(summary: pd.DataFrame) -> dict[str, Any]:
-    """How many prompts NEMO found memorized and on how many its search ended by its rule."""
+def nemo_termination(summary: pd.DataFrame, tau_mem: float) -> dict[str, Any]:
+    """How many prompts NEMO found memorized, on how many its search ended by its rule, and on
+    how many the rule was within reach (score <= tau_mem with every searched neuron blocked)."""
     removed = summary[summary["removed"]] if len(summary) else summary
+    memorized = summary[summary["memorized"]] if len(summary) else summary
+    ceiling = memorized["score_all_blocked"] if "score_all_blocked" in memorized else pd.Series()
     return {
         "prompts": len(summary),
-        "memorized": int(summary["memorized"].sum()) if len(summary) else 0,
+        "memorized": len(memorized),
         "removed": len(removed),
         "removed_share": len(removed) / len(summary) if len(summary) else float("nan"),
         "median_neurons": float(removed["num_neurons"].median()) if len(removed) else 0.0,
+        "within_reach": int((ceiling <= tau_mem).sum()),
+        "median_score_all_blocked": float(ceiling.median()) if len(ceiling) else float("nan"),
     }
 
 
@@ -307,7 +312,7 @@ def run_methods(config: Any, ctx: Context, model: Path, frame: pd.DataFrame) -> 
         "ordinary_prompts": int((prompts["group"] == "ordinary").sum()),
         "nemo": {
             "tau_mem": tau_mem,
-            "terminated": nemo_termination(nemo.summary),
+            "terminated": nemo_termination(nemo.summary, tau_mem),
             "neurons_blocked": neurons.describe(),
             "per_prompt": nemo.summary.to_dict(orient="records"),
         },

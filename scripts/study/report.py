@@ -384,6 +384,23 @@ def nemo_sentence(nemo: dict) -> str:
         f"flagged prompts memorized by its own test; its search ended by its rule (score <= "
         f"tau_mem) on {found['removed']} ({found['removed_share']:.0%} of the flagged), with a "
         f"median of {found['median_neurons']:g} neurons."
+    ) + reach_sentence(found)
+
+
+def reach_sentence(found: dict) -> str:
+    """Whether blocking every searched neuron could meet NEMO's rule (older studies: no key)."""
+    if "within_reach" not in found or not found["memorized"]:
+        return ""
+    return (
+        f" With every searched neuron blocked the score is {found['median_score_all_blocked']:.3f}"
+        f" (median), at most tau_mem on {found['within_reach']} of {found['memorized']}"
+        " memorized prompts"
+        + (
+            ""
+            if found["within_reach"]
+            else ": blocking them all does not meet the rule on this model"
+        )
+        + "."
     )
 
 

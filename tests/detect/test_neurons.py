@@ -261,8 +261,12 @@ def test_planted_neuron_is_found_by_selection_and_refinement(planted) -> None:
     assert result.initial_neurons > 5 and result.num_neurons <= 2
     assert result.score_final <= tau < result.similarity
     assert result.similarity_after < tau  # with the neuron blocked the seeds differ again
+    # blocking the whole search space meets the rule too (where not, the rule is out of reach)
+    assert result.score_all_blocked <= tau
+    assert -1.0 <= result.score_all_blocked <= 1.0
     ordinary = localize_neurons(pipe, HELD_OUT, reference, tau, FAST, prompt_id=1)
     assert not ordinary.memorized and ordinary.neurons == {}
+    assert np.isnan(ordinary.score_all_blocked)  # nothing memorized, nothing measured
 
 
 def test_top_k_rounds_find_a_neuron_that_is_not_out_of_distribution(planted) -> None:

@@ -199,14 +199,25 @@ def test_nemo_termination_counts_the_prompts_its_search_ended_on_by_its_rule() -
             "memorized": [True, True, True, False],
             "removed": [True, False, True, False],
             "num_neurons": [3, 40, 5, 0],
+            "score_all_blocked": [0.2, 0.9, 0.3, float("nan")],
         }
     )
-    found = nemo_termination(summary)
+    found = nemo_termination(summary, tau_mem=0.4)
     assert found == {"prompts": 4, "memorized": 3, "removed": 2, "removed_share": 0.5,
-                     "median_neurons": 4.0}  # fmt: skip
+                     "median_neurons": 4.0, "within_reach": 2,
+                     "median_score_all_blocked": 0.3}  # fmt: skip
     line = nemo_sentence({"tau_mem": 0.4, "terminated": found})
     assert "3 of 4 flagged prompts memorized" in line and "on 2 (50% of the flagged)" in line
-    assert nemo_termination(summary.iloc[:0])["removed"] == 0
+    assert "score is 0.300 (median), at most tau_mem on 2 of 3" in line
+    assert "does not meet the rule" not in line
+    out_of_reach = nemo_termination(summary.assign(score_all_blocked=0.9), tau_mem=0.4)
+    assert out_of_reach["within_reach"] == 0
+    assert "blocking them all does not meet the rule" in nemo_sentence(
+        {"tau_mem": 0.4, "terminated": out_of_reach}
+    )
+    assert nemo_termination(summary.iloc[:0], tau_mem=0.4)["removed"] == 0
+    old_study = {k: v for k, v in found.items() if k not in ("within_reach",)}
+    assert nemo_sentence({"tau_mem": 0.4, "terminated": old_study}).endswith("neurons.")
 
 
 def test_methods_are_scored_on_the_flagged_or_on_the_duplicated_prompts() -> None:
