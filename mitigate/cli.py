@@ -16,7 +16,6 @@ Training-time mitigation is a set of trainer flags (``chexmem train --help``).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -33,27 +32,7 @@ from detect.cli import (
 )
 from hf_datasets.cliutils import add_config_flag
 from hf_datasets.errors import ChexmemError
-
-
-def parse_method(spec: str) -> tuple[str, str, dict[str, Any]]:
-    """``label=name:key=value,...`` -> (label, name, settings); values are read as JSON."""
-    head, _, options = spec.partition(":")
-    label, _, name = head.rpartition("=")
-    settings: dict[str, Any] = {}
-    for item in filter(None, options.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ChexmemError(f"method option {item!r} in {spec!r} must be key=value")
-        try:
-            settings[key] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[key] = value
-    return label or _default_label(name, settings), name, settings
-
-
-def _default_label(name: str, settings: dict[str, Any]) -> str:
-    """A readable row name: the method and its settings."""
-    return name + "".join(f"_{k}{v}" for k, v in settings.items() if k != "target")
+from mitigate.registry import parse_method
 
 
 def build_method(

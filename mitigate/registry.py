@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 from hf_datasets.errors import ChexmemError
@@ -33,3 +35,39 @@ def make_mitigation(name: str, **settings: Any) -> Mitigation:
         return cls(**settings)
     except TypeError as error:
         raise ChexmemError(f"bad settings for mitigation {name!r}: {error}") from None
+
+
+def parse_method(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """``label=name:key=value,...`` -> (label, name, settings); values are read as JSON."""
+    head, _, options = spec.partition(":")
+    label, _, name = head.rpartition("=")
+    settings: dict[str, Any] = {}
+    for item in filter(None, options.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ChexmemError(f"method option {item!r} in {spec!r} must be key=value")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return label or _default_label(name, settings), name, settings
+
+
+def _default_label(name: str, settings: dict[str, Any]) -> str:
+    """A readable row name: the method and its settings."""
+    return name + "".join(f"_{k}{v}" for k, v in settings.items() if k != "target")
+
+
+def with_settings(method: Mitigation, name: str, settings: dict[str, Any]) -> Mitigation:
+    """`method` with these of its settings replaced (its own checks run again)."""
+    if not settings:
+        return method
+    fields = dataclasses.fields(method) if dataclasses.is_dataclass(method) else ()
+    known = sorted(f.name for f in fields if f.init)
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ChexmemError(
+            f"mitigation {name!r} has no setting {', '.join(unknown)}; "
+            f"it has {', '.join(known) or 'none'}"
+        )
+    return dataclasses.replace(method, **settings)

@@ -7,6 +7,7 @@ line; comments keep the reasons behind a default.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 from detect.registry import DETECTORS
 from hf_datasets.errors import ChexmemError
-from mitigate.registry import MITIGATIONS
+from mitigate.registry import MITIGATIONS, mitigation_class, parse_method
 
 DATA_SOURCES = ("phantom", "chexpert", "folder")
 LAUNCHERS = ("python", "accelerate")
@@ -146,6 +147,11 @@ class StudyConfig:
         choices=("flagged", "duplicated"),
     )
     random_tokens: list[int] = setting([4], "random_tokens: tokens added, one variant per count")
+    method_settings: list[str] = setting(
+        [],
+        "settings of the methods above, as method:key=value,... (values read as JSON), e.g. "
+        "amg:c3=300 for deep memorization (docs/benchmarks.md)",
+    )
     robustness_sigmas: list[float] = setting(
         [0.0, 0.1], "noise scales added to the prompt embedding in the NEMO robustness check"
     )
@@ -182,6 +188,15 @@ class StudyConfig:
             raise ChexmemError(
                 f"unknown methods {unknown}; choose from {', '.join(study_methods())}"
             )
+        for name, settings in self.settings_of_methods().items():
+            if name not in self.methods:
+                raise ChexmemError(f"method_settings names {name!r}, which methods leaves out")
+            known = {f.name for f in dataclasses.fields(mitigation_class(name)) if f.init}
+            if unknown := sorted(set(settings) - known):
+                raise ChexmemError(
+                    f"method_settings: {name} has no setting {', '.join(unknown)}; "
+                    f"it has {', '.join(sorted(known))}"
+                )
         unknown = sorted(set(self.detectors) - set(DETECTORS))
         if unknown:
             raise ChexmemError(f"unknown detectors {unknown}; choose from {', '.join(DETECTORS)}")
@@ -205,6 +220,14 @@ class StudyConfig:
             return f"{self.duplicated_rows} rows x {self.copies[0]} copies"
         counts = ", ".join(str(c) for c in self.copies)
         return f"{self.duplicated_rows} rows at each of {counts} copies"
+
+    def settings_of_methods(self) -> dict[str, dict[str, Any]]:
+        """method_settings by method name (a name given twice: its settings merged)."""
+        found: dict[str, dict[str, Any]] = {}
+        for spec in self.method_settings:
+            _, name, settings = parse_method(spec)
+            found.setdefault(name, {}).update(settings)
+        return found
 
     @property
     def out(self) -> Path:

@@ -48,7 +48,7 @@ from mitigate.evaluate import (
     evaluate_methods,
 )
 from mitigate.neurons import NeuronDeactivation, perturbation_robustness
-from mitigate.registry import mitigation_class
+from mitigate.registry import mitigation_class, with_settings
 from scripts.study.config import MORE_HELD_OUT, study_methods
 
 
@@ -240,17 +240,21 @@ def inference_methods(
     prompts: pd.DataFrame,
 ) -> dict[str, Mitigation]:
     """None, and each method the study names in the registry's order, in the setting its
-    class chose for studies (`study_variants`: the benchmarks' settings); `prompts` are the
-    flagged (group memorized) and ordinary prompts the methods are scored on."""
+    class chose for studies (`study_variants`: the benchmarks' settings) with the study's
+    `method_settings` on top; `prompts` are the flagged (group memorized) and ordinary
+    prompts the methods are scored on."""
     flag, embedding_target = targets
     flagged = tuple(prompts.loc[prompts["group"] == "memorized", "prompt"])
     setup = StudySetup(config.inference_steps, config.seed, flag, embedding_target, neurons,
                        tuple(config.random_tokens), ctx.bank, ctx.captions,
                        ctx.held_out_similarity, flagged, tuple(prompts["prompt"]))  # fmt: skip
     methods: dict[str, Mitigation] = {"none": Mitigation()}
+    chosen = config.settings_of_methods()
     for name in study_methods():
         if name in config.methods:
-            methods.update(mitigation_class(name).study_variants(setup))
+            variants = mitigation_class(name).study_variants(setup).items()
+            methods.update({label: with_settings(method, name, chosen.get(name, {}))
+                            for label, method in variants})  # fmt: skip
     return methods
 
 

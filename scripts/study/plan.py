@@ -34,6 +34,7 @@ DETECT_FIELDS = (
 MITIGATION_FIELDS = (
     "methods",
     "mitigation_prompts",
+    "method_settings",
     "generations_per_prompt",
     "inference_steps",
     "seed",

@@ -16,7 +16,7 @@ from hf_datasets.errors import ChexmemError
 from hf_datasets.storage import load_dataset_dir
 from mitigate.amg import AntiMemorizationGuidance
 from mitigate.base import StudySetup, generate
-from mitigate.registry import make_mitigation
+from mitigate.registry import make_mitigation, with_settings
 
 CONFIG = MagnitudeConfig(num_inference_steps=4, num_generations=2, progress=False)
 
@@ -171,6 +171,14 @@ def test_a_study_without_training_images_has_no_amg_and_one_with_them_does(data)
     setup.captions, setup.held_out_similarity = tuple(data["train"]["prompt"]), 0.7
     (method,) = AntiMemorizationGuidance.study_variants(setup).values()
     assert method.reference == 0.7 and method.size == 64 and len(method.bank) == len(data["train"])
+    # a study's method_settings replace the study's setting and keep the rest
+    stronger = with_settings(method, "amg", {"c3": 300.0})
+    assert stronger.c3 == 300.0 and method.c3 == 200.0 and stronger.reference == 0.7
+    assert with_settings(method, "amg", {}) is method
+    with pytest.raises(ChexmemError, match=r"'amg' has no setting gain; it has .*c3"):
+        with_settings(method, "amg", {"gain": 1.0})
+    with pytest.raises(ChexmemError, match="c1, c2, c3 at least 0"):  # its own checks run again
+        with_settings(method, "amg", {"c3": -1.0})
 
 
 def test_amg_without_a_bank_names_what_to_give() -> None:

@@ -245,3 +245,16 @@ def test_methods_are_scored_on_the_flagged_or_on_the_duplicated_prompts() -> Non
         scored_prompts(frame, "all", 1.0)
     jobs = {j.name: j for j in plan(StudyConfig(mitigation_prompts="duplicated"))}
     assert jobs["mitigate-methods"].inputs["mitigation_prompts"] == "duplicated"
+
+
+def test_method_settings_reach_the_study_plan_and_are_checked() -> None:
+    from scripts.study.plan import plan
+
+    config = StudyConfig(method_settings=["amg:c3=300", "amg:c1=10", "embedding:lr=0.1"])
+    assert config.settings_of_methods() == {"amg": {"c3": 300, "c1": 10}, "embedding": {"lr": 0.1}}
+    jobs = {j.name: j for j in plan(config)}
+    assert jobs["mitigate-methods"].inputs["method_settings"] == config.method_settings
+    with pytest.raises(ChexmemError, match="method_settings names 'uce', which methods leaves out"):
+        StudyConfig(method_settings=["uce:lam=0.5"])
+    with pytest.raises(ChexmemError, match=r"amg has no setting gain; it has .*c3"):
+        StudyConfig(method_settings=["amg:gain=300"])
