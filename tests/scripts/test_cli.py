@@ -118,7 +118,7 @@ DEMO_FLAGS = [
     "--train_batch_size", "4", "--vae_train_steps", "5", "--ordinary_prompts", "3",
     "--held_out_prompts", "2", "--generations_per_prompt", "2", "--inference_steps", "2",
     "--pretrain_patients", "8", "--pretrain_steps", "2", "--capacity_steps", "4",
-    "--heatmap_prompts", "2",
+    "--heatmap_prompts", "2", "--method_settings", "amg:c3=300",
 ]  # fmt: skip
 
 
@@ -205,6 +205,9 @@ def test_console_script_runs_the_demo_and_resumes_after_a_kill(tmp_path: Path) -
     methods = {row["method"] for row in mitigation["inference"]}
     assert {"none", "embedding", "neurons", "trigger_tokens"} <= methods
     assert "random_tokens_4" in methods
+    assert mitigation["methods"]["amg"]["c3"] == 300  # --method_settings reached the method
+    reach = mitigation["nemo"]["terminated"]
+    assert 0 <= reach["within_reach"] <= reach["memorized"]
     for row in mitigation["inference"]:
         assert 0 <= row["copy_rate"] <= 1 and row["fid"] >= 0
         assert row["copy_rate_low"] <= row["copy_rate"] <= row["copy_rate_high"]
