@@ -58,11 +58,10 @@ def _default_label(name: str, settings: dict[str, Any]) -> str:
     return name + "".join(f"_{k}{v}" for k, v in settings.items() if k != "target")
 
 
-def with_settings(method: Mitigation, name: str, settings: dict[str, Any]) -> Mitigation:
-    """`method` with these of its settings replaced (its own checks run again)."""
-    if not settings:
-        return method
-    fields = dataclasses.fields(method) if dataclasses.is_dataclass(method) else ()
+def check_settings(name: str, settings: dict[str, Any]) -> None:
+    """One clear error when mitigation `name` has no parameter of one of these settings."""
+    cls = mitigation_class(name)
+    fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
     known = sorted(f.name for f in fields if f.init)
     unknown = sorted(set(settings) - set(known))
     if unknown:
@@ -70,4 +69,11 @@ def with_settings(method: Mitigation, name: str, settings: dict[str, Any]) -> Mi
             f"mitigation {name!r} has no setting {', '.join(unknown)}; "
             f"it has {', '.join(known) or 'none'}"
         )
+
+
+def with_settings(method: Mitigation, name: str, settings: dict[str, Any]) -> Mitigation:
+    """`method` with these of its settings replaced (its own checks run again)."""
+    if not settings:
+        return method
+    check_settings(name, settings)
     return dataclasses.replace(method, **settings)

@@ -7,7 +7,6 @@ line; comments keep the reasons behind a default.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 from detect.registry import DETECTORS
 from hf_datasets.errors import ChexmemError
-from mitigate.registry import MITIGATIONS, mitigation_class, parse_method
+from mitigate.registry import MITIGATIONS, check_settings, parse_method
 
 DATA_SOURCES = ("phantom", "chexpert", "folder")
 LAUNCHERS = ("python", "accelerate")
@@ -191,12 +190,7 @@ class StudyConfig:
         for name, settings in self.settings_of_methods().items():
             if name not in self.methods:
                 raise ChexmemError(f"method_settings names {name!r}, which methods leaves out")
-            known = {f.name for f in dataclasses.fields(mitigation_class(name)) if f.init}
-            if unknown := sorted(set(settings) - known):
-                raise ChexmemError(
-                    f"method_settings: {name} has no setting {', '.join(unknown)}; "
-                    f"it has {', '.join(sorted(known))}"
-                )
+            check_settings(name, settings)
         unknown = sorted(set(self.detectors) - set(DETECTORS))
         if unknown:
             raise ChexmemError(f"unknown detectors {unknown}; choose from {', '.join(DETECTORS)}")

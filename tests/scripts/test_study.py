@@ -256,5 +256,5 @@ def test_method_settings_reach_the_study_plan_and_are_checked() -> None:
     assert jobs["mitigate-methods"].inputs["method_settings"] == config.method_settings
     with pytest.raises(ChexmemError, match="method_settings names 'uce', which methods leaves out"):
         StudyConfig(method_settings=["uce:lam=0.5"])
-    with pytest.raises(ChexmemError, match=r"amg has no setting gain; it has .*c3"):
+    with pytest.raises(ChexmemError, match=r"'amg' has no setting gain; it has .*c3"):
         StudyConfig(method_settings=["amg:gain=300"])
